@@ -1,0 +1,79 @@
+"""Log-sum-exp merge of partial attention states (PackInfer Sec. 4; FlashInfer's ``merge_states``).
+
+Request ``t`` has partial states ``(o_j, lse_j)`` over disjoint KV chunks, rows
+``merge_indptr[t]:merge_indptr[t+1]`` of the partial buffers. The exact attention over the union is
+
+    lse = log sum_j exp(lse_j),        o = sum_j exp(lse_j - lse) * o_j
+
+computed here with a running maximum so no exponent overflows. ``lse`` is natural log; inside the
+kernel it is carried in base 2 (``lse2``) and converted at the load and the store.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _merge_partials_kernel(
+    O_Partial, LSE_Partial, Merge_Indptr, Out, LSE_Out,
+    stride_pr, stride_ph, stride_lr,
+    stride_ot, stride_oh, stride_lt,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, STORE_LSE: tl.constexpr,
+):
+    tok = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    start = tl.load(Merge_Indptr + tok)
+    end = tl.load(Merge_Indptr + tok + 1)
+
+    m_i = -float("inf")
+    s_i = 0.0
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for r in range(start, end):
+        lse2 = tl.load(LSE_Partial + r * stride_lr + head) * 1.4426950408889634
+        o = tl.load(O_Partial + r * stride_pr + head * stride_ph + offs_d, mask=mask_d, other=0.0)
+        m_new = tl.maximum(m_i, lse2)
+        alpha = tl.exp2(m_i - m_new)
+        w = tl.exp2(lse2 - m_new)
+        acc = acc * alpha + w * o
+        s_i = s_i * alpha + w
+        m_i = m_new
+    tl.store(Out + tok * stride_ot + head * stride_oh + offs_d, (acc / s_i).to(Out.dtype.element_ty), mask=mask_d)
+    if STORE_LSE:
+        tl.store(LSE_Out + tok * stride_lt + head, (m_i + tl.log2(s_i)) * 0.6931471805599453)
+
+
+def merge_partials(
+    o_partial: torch.Tensor,
+    lse_partial: torch.Tensor,
+    merge_indptr: torch.Tensor,
+    out: torch.Tensor,
+    lse_out: torch.Tensor | None = None,
+) -> None:
+    """Merges partial states into ``out`` (and ``lse_out``) in place.
+
+    Args:
+        o_partial: ``[num_partials, num_qo_heads, head_dim]`` float32.
+        lse_partial: ``[num_partials, num_qo_heads]`` float32, natural log.
+        merge_indptr: ``[num_tokens + 1]`` int32; every request needs at least one partial.
+        out: ``[num_tokens, num_qo_heads, head_dim]``, written in place (any float dtype).
+        lse_out: ``[num_tokens, num_qo_heads]`` float32, written in place when given.
+    """
+    num_tokens, num_qo_heads, head_dim = out.shape
+    if num_tokens == 0:
+        return
+    lse_arg = lse_out if lse_out is not None else lse_partial
+    _merge_partials_kernel[(num_tokens, num_qo_heads)](
+        o_partial, lse_partial, merge_indptr, out, lse_arg,
+        o_partial.stride(0), o_partial.stride(1), lse_partial.stride(0),
+        out.stride(0), out.stride(1), lse_arg.stride(0),
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), STORE_LSE=lse_out is not None,
+        num_warps=1 if head_dim <= 64 else 2,
+    )

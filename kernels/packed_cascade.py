@@ -1,0 +1,254 @@
+"""Packed cascade attention for decode (PackInfer, Sec. 4).
+
+Requests sharing a prefix form a group. For request ``t`` of group ``g`` with query ``q_t``:
+
+    attn(q_t, cat(P_g, S_t)) = merge(attn(q_t, P_g), attn(q_t, S_t))
+
+where ``merge`` is the log-sum-exp combination of :mod:`.merge`. The prefix term is computed for
+all requests of a group at once: the group's queries times the GQA ratio form the ``BLOCK_M`` rows
+of one tile, so each prefix KV block is loaded once per tile and multiplied on tensor cores
+(``tl.dot``) instead of being re-read by every request. Suffix terms run one request per tile.
+Both run through one kernel, ``_packed_attn_partial_kernel``, over the work items of
+:mod:`.plan`, each writing float32 partial states; a merge kernel combines them.
+
+Row ``r`` of a tile is request ``qo_start + r // GQA`` and query head ``kv_head * GQA + r % GQA``.
+Scores are carried in base 2 (``qk * sm_scale * log2(e)``); the partial ``lse`` is stored in natural
+log.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from .checks import check_cascade_inputs
+from .merge import merge_partials
+from .plan import ITEM_FIELDS, WorkPlan, plan_work
+
+PREFIX_BLOCK_M = 64
+BLOCK_N = 64
+
+
+@triton.jit
+def _packed_attn_partial_kernel(
+    Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial,
+    sm_scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_pr, stride_ph, stride_lr,
+    GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    item = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    qo_start = tl.load(Items + item * 5 + 0)
+    qo_len = tl.load(Items + item * 5 + 1)
+    kv_start = tl.load(Items + item * 5 + 2)
+    kv_len = tl.load(Items + item * 5 + 3)
+    slot = tl.load(Items + item * 5 + 4)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < qo_len * GQA
+    mask_d = offs_d < HEAD_DIM
+    tok = qo_start + offs_m // GQA
+    head = kv_head * GQA + offs_m % GQA
+    q = tl.load(Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, kv_len, BLOCK_N):
+        mask_n = start_n + offs_n < kv_len
+        slots = tl.load(KV_Indices + kv_start + start_n + offs_n, mask=mask_n, other=0).to(tl.int64)
+        mask_kv = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K_Buffer + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                    mask=mask_kv, other=0.0)
+        if DOT_FP32:  # Triton's CPU interpreter multiplies bf16 wrongly (triton 3.6)
+            qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * sm_scale_log2
+        else:
+            qk = tl.dot(q, tl.trans(k)) * sm_scale_log2
+        qk = tl.where(mask_n[None, :], qk, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V_Buffer + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                    mask=mask_kv, other=0.0)
+        if DOT_FP32:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    row = tl.load(Merge_Indptr + tok, mask=mask_m, other=0) + slot
+    tl.store(O_Partial + row[:, None] * stride_pr + head[:, None] * stride_ph + offs_d[None, :],
+             acc / l_i[:, None], mask=mask_m[:, None] & mask_d[None, :])
+    lse2 = m_i + tl.log2(l_i)
+    tl.store(LSE_Partial + row * stride_lr + head, lse2 * 0.6931471805599453, mask=mask_m)
+
+
+class PackedCascadePlan(NamedTuple):
+    """Device-side plan shared by all layers of one decode step.
+
+    ``kv_indices`` is ``cat(prefix_kv_indices, suffix_kv_indices)`` (int32); the item tables and
+    ``merge_indptr`` are int32 on the same device; see :mod:`.plan`.
+    """
+
+    prefix_items: torch.Tensor  # [num_prefix_items, ITEM_FIELDS]
+    suffix_items: torch.Tensor  # [num_suffix_items, ITEM_FIELDS]
+    merge_indptr: torch.Tensor  # [num_tokens + 1]
+    kv_indices: torch.Tensor  # [total prefix + suffix slots]
+    num_partials: int
+    prefix_block_m: int
+    suffix_block_m: int
+
+
+def num_sms_of(device: torch.device) -> int:
+    """Multiprocessor count of a CUDA device (4 elsewhere, e.g. under ``TRITON_INTERPRET=1``)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def suffix_block_m_for(gqa_group_size: int) -> int:
+    """Rows of a suffix tile: the GQA ratio, padded to the 16 rows ``tl.dot`` needs."""
+    return max(16, triton.next_power_of_2(gqa_group_size))
+
+
+def make_plan(
+    work: WorkPlan, kv_indices: torch.Tensor, gqa_group_size: int, prefix_block_m: int = PREFIX_BLOCK_M
+) -> PackedCascadePlan:
+    """Copies a host :class:`WorkPlan` next to ``kv_indices`` (its device) as a :class:`PackedCascadePlan`."""
+    dev = kv_indices.device
+    both = np.concatenate([work.prefix_items, work.suffix_items]).reshape(-1, ITEM_FIELDS)
+    host = torch.from_numpy(np.concatenate([both.reshape(-1), work.merge_indptr]))
+    host = host.pin_memory() if dev.type == "cuda" else host
+    flat = host.to(dev, non_blocking=True)
+    n_p, n_items = len(work.prefix_items), len(both)
+    items = flat[: n_items * ITEM_FIELDS].view(n_items, ITEM_FIELDS)
+    return PackedCascadePlan(
+        items[:n_p], items[n_p:], flat[n_items * ITEM_FIELDS :], kv_indices, work.num_partials,
+        prefix_block_m, suffix_block_m_for(gqa_group_size),
+    )
+
+
+def plan_packed_cascade(
+    group_indptr: torch.Tensor,
+    prefix_kv_indptr: torch.Tensor,
+    prefix_kv_indices: torch.Tensor,
+    suffix_kv_indptr: torch.Tensor,
+    suffix_kv_indices: torch.Tensor,
+    num_qo_heads: int,
+    num_kv_heads: int,
+    **plan_kwargs,
+) -> PackedCascadePlan:
+    """Plans one decode step (host work; copies the indptr arrays to the host if they are on a GPU,
+    which synchronizes). ``plan_kwargs`` go to :func:`.plan.plan_work`."""
+    gqa = num_qo_heads // num_kv_heads
+    plan_kwargs.setdefault("num_sms", num_sms_of(prefix_kv_indices.device))
+    work = plan_work(
+        group_indptr.cpu().numpy(), prefix_kv_indptr.cpu().numpy(), suffix_kv_indptr.cpu().numpy(),
+        gqa_group_size=gqa, num_kv_heads=num_kv_heads, prefix_block_m=PREFIX_BLOCK_M,
+        kv_align=BLOCK_N, **plan_kwargs,
+    )
+    kv_indices = torch.cat([prefix_kv_indices[: int(prefix_kv_indptr[-1])],
+                            suffix_kv_indices[: int(suffix_kv_indptr[-1])]]).to(torch.int32)
+    return make_plan(work, kv_indices, gqa)
+
+
+def run_packed_cascade(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    plan: PackedCascadePlan,
+    sm_scale: float,
+    out: torch.Tensor,
+    lse: torch.Tensor | None = None,
+) -> None:
+    """Runs a planned step for one layer, writing ``out`` (and ``lse``) in place. Inputs unchecked:
+    :func:`packed_cascade_attention` validates them."""
+    num_tokens, num_qo_heads, head_dim = q.shape
+    num_kv_heads = k_buffer.shape[1]
+    gqa = num_qo_heads // num_kv_heads
+    o_partial = torch.empty(plan.num_partials, num_qo_heads, head_dim, dtype=torch.float32, device=q.device)
+    lse_partial = torch.empty(plan.num_partials, num_qo_heads, dtype=torch.float32, device=q.device)
+    block_d = triton.next_power_of_2(head_dim)
+    for items, block_m in ((plan.prefix_items, plan.prefix_block_m), (plan.suffix_items, plan.suffix_block_m)):
+        if len(items) == 0:
+            continue
+        _packed_attn_partial_kernel[(len(items), num_kv_heads)](
+            q, k_buffer, v_buffer, plan.kv_indices, items, plan.merge_indptr, o_partial, lse_partial,
+            sm_scale * 1.4426950408889634,
+            q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
+            v_buffer.stride(0), v_buffer.stride(1),
+            o_partial.stride(0), o_partial.stride(1), lse_partial.stride(0),
+            GQA=gqa, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+            DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16,
+            num_warps=4 if block_m * block_d <= 64 * 128 else 8, num_stages=2,
+        )
+    merge_partials(o_partial, lse_partial, plan.merge_indptr, out, lse)
+
+
+def packed_cascade_attention(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    group_indptr: torch.Tensor,
+    prefix_kv_indptr: torch.Tensor,
+    prefix_kv_indices: torch.Tensor,
+    suffix_kv_indptr: torch.Tensor,
+    suffix_kv_indices: torch.Tensor,
+    sm_scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    return_lse: bool = False,
+    plan: PackedCascadePlan | None = None,
+):
+    """Decode attention over ``cat(group prefix, request suffix)`` for every request, reading each
+    group's prefix once per tile of its requests (PackInfer, Sec. 4).
+
+    Args:
+        q: ``[num_tokens, num_qo_heads, head_dim]`` fp16/bf16, one decode token per request;
+            requests of a group are adjacent rows.
+        k_buffer, v_buffer: ``[num_slots, num_kv_heads, head_dim]``, same dtype: SGLang's token KV
+            pool for one layer (``page_size`` 1 slot indexing).
+        group_indptr: ``[num_groups + 1]`` int32; group ``g`` owns rows ``group_indptr[g]:[g+1]``.
+        prefix_kv_indptr: ``[num_groups + 1]`` int32.
+        prefix_kv_indices: ``[prefix_kv_indptr[-1]]`` int32 pool slots of each group's shared prefix.
+        suffix_kv_indptr: ``[num_tokens + 1]`` int32.
+        suffix_kv_indices: ``[suffix_kv_indptr[-1]]`` int32 pool slots of each request's own tokens.
+        sm_scale: softmax scale (usually ``head_dim ** -0.5``).
+        out: optional ``[num_tokens, num_qo_heads, head_dim]`` output, written in place.
+        return_lse: also return ``lse`` ``[num_tokens, num_qo_heads]`` float32, natural log.
+        plan: a :class:`PackedCascadePlan` from :func:`plan_packed_cascade` for these indptr arrays,
+            reused across layers; planned here when ``None``.
+
+    Returns:
+        ``out``, or ``(out, lse)`` when ``return_lse``.
+
+    Raises:
+        ValueError: on mismatched shapes, dtypes, devices, GQA ratio, malformed indptr arrays, or a
+            request with neither prefix nor suffix.
+
+    Example::
+
+        >>> out = packed_cascade_attention(q, k_buf, v_buf, torch.tensor([0, 3], dtype=torch.int32),
+        ...     torch.tensor([0, 100], dtype=torch.int32), prefix_slots,
+        ...     torch.tensor([0, 5, 9, 12], dtype=torch.int32), suffix_slots, 128 ** -0.5)
+    """
+    check_cascade_inputs(q, k_buffer, v_buffer, group_indptr, prefix_kv_indptr, prefix_kv_indices,
+                         suffix_kv_indptr, suffix_kv_indices, out)
+    num_tokens, num_qo_heads, head_dim = q.shape
+    if plan is None:
+        plan = plan_packed_cascade(group_indptr, prefix_kv_indptr, prefix_kv_indices, suffix_kv_indptr,
+                                   suffix_kv_indices, num_qo_heads, k_buffer.shape[1])
+    out = torch.empty_like(q) if out is None else out
+    lse = torch.empty(num_tokens, num_qo_heads, dtype=torch.float32, device=q.device) if return_lse else None
+    run_packed_cascade(q, k_buffer, v_buffer, plan, sm_scale, out, lse)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,149 @@
+"""Host-side work plan for packed cascade decode attention (PackInfer, Sec. 4).
+
+A decode batch is described two-level, as in FlashInfer's cascade: requests (one query token each)
+are grouped, group ``g`` owning rows ``group_indptr[g]:group_indptr[g+1]`` and a shared prefix,
+each request owning a suffix. The plan cuts that into *work items*, each one a tile of
+``(query rows) x (KV chunk)``:
+
+- prefix items: up to ``tokens_per_block`` requests of one group (times the GQA ratio: the rows
+  of a tensor-core tile) against one chunk of the group's prefix, so the prefix is read once per
+  row block instead of once per request;
+- suffix items: one request against one chunk of its suffix.
+
+Every item writes one partial attention state (``o``, ``lse``) per request row; request ``t``'s
+partials sit at rows ``merge_indptr[t]:merge_indptr[t+1]`` of the partial buffers and are merged
+by log-sum-exp. An item's partial for request ``t`` is row ``merge_indptr[t] + slot``.
+
+Items are stored as an int32 ``[num_items, ITEM_FIELDS]`` table (one host-to-device copy), with
+columns ``qo_start, qo_len, kv_start, kv_len, slot``; ``kv_start`` indexes the combined
+``kv_indices = cat(prefix_kv_indices, suffix_kv_indices)``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+ITEM_FIELDS = 5  # qo_start, qo_len, kv_start, kv_len, slot
+
+
+class WorkPlan(NamedTuple):
+    """Host (numpy, int32) result of :func:`plan_work`."""
+
+    prefix_items: np.ndarray  # [num_prefix_items, ITEM_FIELDS]
+    suffix_items: np.ndarray  # [num_suffix_items, ITEM_FIELDS]
+    merge_indptr: np.ndarray  # [num_tokens + 1]
+    prefix_chunk: int  # KV tokens per prefix item (the last chunk of a prefix may be shorter)
+    suffix_chunk: int  # KV tokens per suffix item
+
+    @property
+    def num_partials(self) -> int:
+        return int(self.merge_indptr[-1])
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+def _chunk_len(total_kv: int, num_kv_heads: int, target_ctas: int, lo: int, align: int) -> int:
+    """KV tokens per item so that ``items x num_kv_heads`` is about ``target_ctas``."""
+    want_items = max(1, target_ctas // max(1, num_kv_heads))
+    chunk = max(lo, _ceil_div(max(total_kv, 1), want_items))
+    return _ceil_div(chunk, align) * align
+
+
+def _items(qo_start, qo_len, kv_start, kv_len, chunk, slot_base):
+    """Cuts each ``(qo, kv)`` span into KV chunks of ``chunk`` tokens; returns the item table."""
+    n_chunks = _ceil_div(kv_len, chunk)
+    rep = lambda a: np.repeat(a, n_chunks)  # noqa: E731
+    first = np.cumsum(n_chunks) - n_chunks
+    c = np.arange(int(n_chunks.sum()), dtype=np.int64) - rep(first)  # chunk index within its span
+    kv_off = c * chunk
+    table = np.stack(
+        [rep(qo_start), rep(qo_len), rep(kv_start) + kv_off, np.minimum(chunk, rep(kv_len) - kv_off),
+         rep(slot_base) + c], axis=1,
+    )
+    return table.astype(np.int32).reshape(-1, ITEM_FIELDS)
+
+
+def plan_work(
+    group_indptr: np.ndarray,
+    prefix_kv_indptr: np.ndarray,
+    suffix_kv_indptr: np.ndarray,
+    *,
+    gqa_group_size: int,
+    num_kv_heads: int,
+    prefix_block_m: int,
+    num_sms: int = 132,
+    waves: int = 2,
+    prefix_chunk: int | None = None,
+    suffix_chunk: int | None = None,
+    kv_align: int = 64,
+) -> WorkPlan:
+    """Splits a grouped decode batch into prefix and suffix work items (see module docstring).
+
+    Args:
+        group_indptr: ``[num_groups + 1]`` CSR offsets of requests per group (requests of a group
+            are adjacent rows of ``q``).
+        prefix_kv_indptr: ``[num_groups + 1]`` CSR offsets of each group's prefix KV slots.
+        suffix_kv_indptr: ``[num_tokens + 1]`` CSR offsets of each request's suffix KV slots.
+        gqa_group_size: ``num_qo_heads // num_kv_heads``.
+        num_kv_heads: KV heads; each item runs once per KV head (the grid's second axis).
+        prefix_block_m: query rows of a prefix tile; a prefix item holds
+            ``max(1, prefix_block_m // gqa_group_size)`` requests.
+        num_sms, waves: the chunk lengths aim at ``num_sms * waves`` programs per launch.
+        prefix_chunk, suffix_chunk: fixed KV chunk lengths in tokens (``None``: chosen as above).
+        kv_align: chunk lengths are multiples of this (the kernel's ``BLOCK_N``).
+
+    Returns:
+        A :class:`WorkPlan` of int32 numpy arrays.
+
+    Raises:
+        ValueError: on malformed CSR arrays or a request with no KV at all (empty prefix and suffix).
+    """
+    gi = np.asarray(group_indptr, dtype=np.int64)
+    pi = np.asarray(prefix_kv_indptr, dtype=np.int64)
+    si = np.asarray(suffix_kv_indptr, dtype=np.int64)
+    num_groups, num_tokens = len(gi) - 1, len(si) - 1
+    if len(pi) != num_groups + 1 or gi[0] != 0 or gi[-1] != num_tokens or pi[0] != 0 or si[0] != 0:
+        raise ValueError(
+            f"malformed indptr: group_indptr {gi.tolist()[:8]}... (len {len(gi)}), prefix_kv_indptr len "
+            f"{len(pi)}, suffix_kv_indptr len {len(si)}; need first element 0, "
+            f"group_indptr[-1] == num_tokens == {num_tokens}"
+        )
+    group_sizes, prefix_lens, suffix_lens = np.diff(gi), np.diff(pi), np.diff(si)
+    if (group_sizes < 0).any() or (prefix_lens < 0).any() or (suffix_lens < 0).any():
+        raise ValueError("indptr arrays must be non-decreasing")
+    token_group = np.repeat(np.arange(num_groups), group_sizes)
+    if ((prefix_lens[token_group] + suffix_lens) == 0).any():
+        bad = np.flatnonzero(prefix_lens[token_group] + suffix_lens == 0)[:8].tolist()
+        raise ValueError(f"requests {bad} have no KV tokens (empty prefix and suffix)")
+
+    # Prefix spans: (group, row block) pairs; a row block holds tokens_per_block requests.
+    tokens_per_block = max(1, prefix_block_m // gqa_group_size)
+    has_prefix = (prefix_lens > 0) & (group_sizes > 0)
+    blocks = np.where(has_prefix, _ceil_div(group_sizes, tokens_per_block), 0)
+    span_group = np.repeat(np.arange(num_groups), blocks)
+    span_block = np.arange(int(blocks.sum())) - np.repeat(np.cumsum(blocks) - blocks, blocks)
+    span_qo_start = gi[span_group] + span_block * tokens_per_block
+    span_qo_len = np.minimum(tokens_per_block, gi[span_group + 1] - span_qo_start)
+    if prefix_chunk is None:
+        prefix_chunk = _chunk_len(int((prefix_lens * blocks).sum()), num_kv_heads, num_sms * waves,
+                                  lo=4 * kv_align, align=kv_align)
+    prefix_items = _items(span_qo_start, span_qo_len, pi[span_group], prefix_lens[span_group],
+                          prefix_chunk, np.zeros_like(span_group))
+
+    # Suffix spans: one per request with a non-empty suffix; slots follow its group's prefix chunks.
+    n_prefix_chunks = np.where(has_prefix, _ceil_div(prefix_lens, prefix_chunk), 0)[token_group]
+    if suffix_chunk is None:
+        suffix_chunk = _chunk_len(int(suffix_lens.sum()), num_kv_heads, num_sms * waves,
+                                  lo=kv_align, align=kv_align)
+    tok = np.flatnonzero(suffix_lens > 0)
+    suffix_items = _items(tok, np.ones_like(tok), int(pi[-1]) + si[tok], suffix_lens[tok],
+                          suffix_chunk, n_prefix_chunks[tok])
+
+    partials = n_prefix_chunks + _ceil_div(suffix_lens, suffix_chunk)
+    merge_indptr = np.zeros(num_tokens + 1, dtype=np.int32)
+    merge_indptr[1:] = np.cumsum(partials)
+    return WorkPlan(prefix_items, suffix_items, merge_indptr, int(prefix_chunk), int(suffix_chunk))
