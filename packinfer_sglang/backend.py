@@ -1,0 +1,161 @@
+"""``--attention-backend packinfer``: SGLang's Triton backend with packed cascade decode.
+
+Decode batches whose groups arrive from the radix cache (``forward_batch.packinfer_groups``, set by
+:mod:`packinfer_sglang.patches.forward_batch`) run the packed kernel; a decode batch without groups
+still runs it, every request its own group. Everything else — extend, mixed, speculative, CUDA
+graph capture/replay, layers with logit capping, sliding windows, sinks or score mods — is
+SGLang's ``TritonAttnBackend``, which this class extends.
+
+Verification mode (``PACKINFER_VERIFY=1``) also runs SGLang's Triton decode for every layer of
+every packed step and raises ``RuntimeError`` when the two differ by more than
+``PACKINFER_VERIFY_RTOL`` (relative L2).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+
+from .config import get_config
+from .decode_step import DecodeStep, build_decode_step
+from .grouping import ungrouped
+from .kernels import run_packed_cascade
+from .kernels.checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+from .kernels.packed_cascade import num_sms_of
+
+logger = logging.getLogger(__name__)
+
+
+class PackInferAttnBackend(TritonAttnBackend):
+    """Triton backend whose decode runs :func:`packinfer_sglang.kernels.run_packed_cascade`."""
+
+    def __init__(self, model_runner):
+        super().__init__(model_runner)
+        self.config = get_config()
+        self.num_sms = num_sms_of(torch.device(self.device))
+        self._step: DecodeStep | None = None
+        self._triton_ready = True  # whether TritonAttnBackend's metadata matches this batch
+        self._batch = None
+        self._num_steps = 0
+        self._max_err = 0.0
+        self._checked = 0
+
+    # -- metadata -------------------------------------------------------------------------
+    def init_forward_metadata(self, forward_batch):
+        self._step, self._batch, self._triton_ready = None, forward_batch, True
+        mode = forward_batch.forward_mode
+        if mode.is_decode() and forward_batch.spec_info is None and forward_batch.batch_size > 0:
+            groups = getattr(forward_batch, "packinfer_groups", None)
+            if groups is None or len(groups.order) != forward_batch.batch_size:
+                groups = ungrouped(forward_batch.batch_size)
+            self._step = build_decode_step(
+                groups, forward_batch.seq_lens_cpu, forward_batch.req_pool_indices, self.req_to_token,
+                self.num_head, self.num_kv_head, self.num_sms,
+            )
+            self._log_step(forward_batch.batch_size)
+            if not self.config.verify:
+                self._triton_ready = False  # built lazily if a layer falls back
+                return
+        super().init_forward_metadata(forward_batch)
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        self._step, self._triton_ready = None, True  # graphs replay SGLang's Triton decode
+        return super().init_forward_metadata_out_graph(forward_batch, in_capture)
+
+    # -- decode ---------------------------------------------------------------------------
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        if self._step is None or not _layer_supported(layer, kwargs):
+            if not self._triton_ready:
+                super().init_forward_metadata(self._batch)
+                self._triton_ready = True
+            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        if save_kv_cache:
+            self.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+        out = self._packed_decode(q, layer)
+        if self.config.verify:
+            ref = super().forward_decode(q, k, v, layer, forward_batch, False, **kwargs)
+            self._check(out, ref, layer)
+        return out
+
+    def _packed_decode(self, q, layer):
+        step = self._step
+        num_heads, head_dim = layer.tp_q_head_num, layer.qk_head_dim
+        q3 = q.reshape(-1, num_heads, head_dim)
+        if step.perm is not None:
+            q3 = q3.index_select(0, step.perm)
+        out = torch.empty_like(q3)
+        run_packed_cascade(q3, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                           self.token_to_kv_pool.get_value_buffer(layer.layer_id), step.plan, layer.scaling, out)
+        if step.perm is not None:
+            out = torch.empty_like(out).index_copy_(0, step.perm, out)
+        return out.view(-1, num_heads * head_dim)
+
+    # -- verification and logging ---------------------------------------------------------
+    def _check(self, out, ref, layer):
+        ref32 = ref.float()
+        err = ((out.float() - ref32).norm() / ref32.norm().clamp_min(1e-30)).item()
+        self._checked += 1
+        self._max_err = max(self._max_err, err)
+        if not err <= self.config.verify_rtol:  # NaN fails too
+            g = self._step.groups
+            raise RuntimeError(
+                f"packinfer verify failed: layer {layer.layer_id}, decode step {self._num_steps}: relative "
+                f"error {err:.3e} > {self.config.verify_rtol:.1e} (batch {len(g.order)}, {g.num_groups} groups, "
+                f"prefix lens {g.prefix_lens[:8].tolist()})"
+            )
+
+    def _log_step(self, batch_size):
+        self._num_steps += 1
+        every = self.config.log_every
+        if every and self._num_steps % every == 0:
+            g = self._step.groups
+            verified = f", verified {self._checked} layer-steps, max rel err {self._max_err:.2e}" if self.config.verify else ""
+            logger.info("packinfer: decode step %d, batch %d, %d groups (largest %d), prefix tokens saved %d%s",
+                        self._num_steps, batch_size, g.num_groups, int(max(1, (g.group_indptr[1:] - g.group_indptr[:-1]).max())),
+                        g.shared_token_reads_saved, verified)
+
+
+def _layer_supported(layer, kwargs) -> bool:
+    """Whether the packed kernel computes exactly what SGLang's Triton decode would for this layer."""
+    return (
+        all(kwargs.get(name) is None for name in ("sinks", "score_mod", "aux_tensors"))
+        and not (layer.logit_cap or 0) > 0
+        and (layer.sliding_window_size is None or layer.sliding_window_size < 0)
+        and layer.qk_head_dim == layer.v_head_dim
+        and layer.k_scale is None and layer.v_scale is None
+        and not getattr(layer, "is_cross_attention", False)
+        and not (getattr(layer, "xai_temperature_len", None) or 0) > 0
+    )
+
+
+def unsupported_reason(model_runner) -> str | None:
+    """Why packed decode cannot serve this model (``None`` when it can)."""
+    mc, sa = model_runner.model_config, model_runner.server_args
+    dtype = getattr(model_runner, "kv_cache_dtype", None)
+    head_dim = getattr(mc, "head_dim", None)
+    checks = [
+        (getattr(model_runner, "use_mla_backend", False), "MLA models"),
+        (model_runner.sliding_window_size is not None, "sliding-window attention"),
+        (mc.is_encoder_decoder, "encoder-decoder models"),
+        (dtype is not None and dtype not in SUPPORTED_DTYPES, f"KV cache dtype {dtype}"),
+        (head_dim is not None and head_dim not in SUPPORTED_HEAD_DIMS, f"head_dim {head_dim}"),
+        (sa.speculative_algorithm is not None, "speculative decoding"),
+        (getattr(sa, "dcp_size", 1) not in (None, 1), "decode context parallelism"),
+    ]
+    return next((what + " are not supported" for bad, what in checks if bad), None)
+
+
+def create_packinfer_backend(model_runner):
+    """Factory for ``register_attention_backend``: the packed backend, or SGLang's Triton backend
+    with a one-line warning for models it does not support yet."""
+    reason = unsupported_reason(model_runner)
+    if reason:
+        logger.warning("packinfer attention backend: %s; using SGLang's triton backend", reason)
+        return TritonAttnBackend(model_runner)
+    backend = PackInferAttnBackend(model_runner)
+    if getattr(backend, "_translate_kv_loc", None) is not None or backend.dcp_size > 1:
+        logger.warning("packinfer attention backend: unified/DCP KV pools are not supported; using triton")
+        return TritonAttnBackend(model_runner)
+    return backend

@@ -1,0 +1,74 @@
+"""Configuration: one frozen dataclass, read from ``PACKINFER_*`` environment variables only here.
+
+SGLang's scheduler processes are spawned from the server process and inherit its environment, so
+environment variables reach every rank; ``packinfer serve`` sets them from its flags.
+
+| variable | default | meaning |
+|---|---|---|
+| ``PACKINFER_MIN_PREFIX_TOKENS`` | 256 | a group must share at least this many prefix tokens |
+| ``PACKINFER_MIN_GROUP_SIZE`` | 2 | and hold at least this many running requests |
+| ``PACKINFER_REORDER_BATCH`` | 1 | make each group's requests adjacent in the running batch |
+| ``PACKINFER_VERIFY`` | 0 | compute SGLang's Triton decode beside ours for every layer and step |
+| ``PACKINFER_VERIFY_RTOL`` | 2e-2 | verification fails above this relative L2 error (bf16 outputs) |
+| ``PACKINFER_LOG_EVERY`` | 500 | decode steps between grouping/verification log lines (0: never) |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from functools import lru_cache
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True)
+class PackInferConfig:
+    """Grouping thresholds and debug switches (see module docstring for the variables)."""
+
+    min_prefix_tokens: int = 256
+    min_group_size: int = 2
+    reorder_batch: bool = True
+    verify: bool = False
+    verify_rtol: float = 2e-2
+    log_every: int = 500
+
+    def __post_init__(self):
+        if self.min_prefix_tokens < 1:
+            raise ValueError(f"min_prefix_tokens must be >= 1, got {self.min_prefix_tokens}")
+        if self.min_group_size < 2:
+            raise ValueError(f"min_group_size must be >= 2, got {self.min_group_size}")
+        if not 0 < self.verify_rtol < 1:
+            raise ValueError(f"verify_rtol must be in (0, 1), got {self.verify_rtol}")
+        if self.log_every < 0:
+            raise ValueError(f"log_every must be >= 0, got {self.log_every}")
+
+
+def _parse(name: str, raw: str, typ):
+    if typ is bool:
+        low = raw.strip().lower()
+        if low in _TRUE | _FALSE:
+            return low in _TRUE
+        raise ValueError(f"PACKINFER_{name.upper()}={raw!r}: expected one of 0/1/true/false/yes/no/on/off")
+    try:
+        return typ(raw)
+    except ValueError:
+        raise ValueError(f"PACKINFER_{name.upper()}={raw!r}: expected {typ.__name__}") from None
+
+
+def config_from_env(environ=None) -> PackInferConfig:
+    """Builds the config from ``PACKINFER_<FIELD>`` variables; raises ``ValueError`` on bad values."""
+    environ = os.environ if environ is None else environ
+    kwargs = {}
+    for f in fields(PackInferConfig):
+        raw = environ.get(f"PACKINFER_{f.name.upper()}")
+        if raw is not None:
+            kwargs[f.name] = _parse(f.name, raw, {"int": int, "float": float, "bool": bool}[f.type])
+    return PackInferConfig(**kwargs)
+
+
+@lru_cache(maxsize=1)
+def get_config() -> PackInferConfig:
+    """The process-wide config, read once."""
+    return config_from_env()

@@ -1,0 +1,51 @@
+"""SGLang plugin entry point (``sglang.srt.plugins``: ``packinfer = packinfer_sglang.plugin:register``).
+
+``register()`` runs in the server process and in every scheduler process, before arguments are
+parsed. It adds the attention backend and radix cache backend named ``packinfer`` and registers
+the hooks of :mod:`packinfer_sglang.patches`. It imports no CUDA code and touches no device.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+NAME = "packinfer"
+_registered = False
+
+
+def register() -> None:
+    """Registers backends and hooks; idempotent."""
+    global _registered
+    if _registered:
+        return
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS, register_attention_backend
+    from sglang.srt.mem_cache.registry import register_radix_cache_backend, registered_radix_cache_backends
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+
+    from .patches import batch_order, forward_batch
+
+    if NAME not in ATTENTION_BACKENDS:
+        register_attention_backend(NAME)(_create_attention_backend)
+    if NAME not in ATTENTION_BACKEND_CHOICES:
+        add_attention_backend_choices([NAME])
+    if NAME not in registered_radix_cache_backends():
+        register_radix_cache_backend(NAME, _create_radix_cache)
+    HookRegistry.register(forward_batch.TARGET, forward_batch.attach_decode_groups, HookType.AFTER)
+    HookRegistry.register(batch_order.TARGET, batch_order.group_adjacent, HookType.BEFORE)
+    _registered = True
+    logger.info("packinfer: registered attention backend and radix cache backend %r", NAME)
+
+
+def _create_attention_backend(model_runner):
+    from .backend import create_packinfer_backend
+
+    return create_packinfer_backend(model_runner)
+
+
+def _create_radix_cache(ctx):
+    from .radix_cache import create_packinfer_radix_cache
+
+    return create_packinfer_radix_cache(ctx)

@@ -1,0 +1,5 @@
+"""What SGLang's registries cannot reach, through ``HookRegistry`` only (registered by the plugin).
+
+- :mod:`.forward_batch`: carries the radix cache's decode groups onto each ``ForwardBatch``.
+- :mod:`.batch_order`: keeps each group's running requests adjacent in the decode batch.
+"""

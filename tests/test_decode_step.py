@@ -1,0 +1,81 @@
+"""Radix tree → groups → kv_indices gather → packed kernel == flat decode over req_to_token rows."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from conftest import DEVICE, TOL, rel_err
+from workload import admit, new_cache, shared_prefix_prompts
+
+from packinfer_sglang.decode_step import build_decode_step
+from packinfer_sglang.grouping import ungrouped
+from packinfer_sglang.kernels import gather_kv_indices, run_packed_cascade
+from packinfer_sglang.kernels.reference import flat_decode_attention_ref, gather_kv_indices_ref
+
+
+def running_batch(seed, num_systems=3, per_system=4, system_len=70, question_len=9, max_decoded=5):
+    """Admitted requests, each with a few decoded tokens at fresh slots, as SGLang's tables hold them."""
+    rng = random.Random(seed)
+    cache = new_cache(min_prefix_tokens=16)
+    reqs, next_slot = admit(cache, shared_prefix_prompts(rng, num_systems, per_system, system_len, question_len), rng)
+    rows, max_len = [], 0
+    for r in reqs:
+        decoded = torch.arange(next_slot, next_slot + rng.randrange(1, max_decoded + 1))
+        next_slot += len(decoded)
+        rows.append(torch.cat([r.slots, decoded]))
+        max_len = max(max_len, len(rows[-1]))
+    req_to_token = torch.zeros(len(reqs) + 3, max_len + 7, dtype=torch.int32)
+    pool_rows = torch.randperm(len(reqs) + 3)[: len(reqs)]
+    for row, slots in zip(pool_rows.tolist(), rows):
+        req_to_token[row, : len(slots)] = slots.to(torch.int32)
+    seq_lens = torch.tensor([len(s) for s in rows], dtype=torch.int64)
+    return cache, reqs, req_to_token, pool_rows, seq_lens, next_slot
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_step_equals_flat(seed, grouped, dtype):
+    cache, reqs, req_to_token, pool_rows, seq_lens, num_slots = running_batch(seed)
+    groups = cache.decode_groups(reqs, seq_lens.tolist()) if grouped else ungrouped(len(reqs))
+    if grouped:
+        assert groups.num_groups == 3 and not groups.is_identity  # shuffled batch: rows get permuted
+    num_qo_heads, num_kv_heads, head_dim = 8, 2, 64
+    k = torch.randn(num_slots, num_kv_heads, head_dim).to(dtype).to(DEVICE)
+    v = torch.randn(num_slots, num_kv_heads, head_dim).to(dtype).to(DEVICE)
+    q = torch.randn(len(reqs), num_qo_heads, head_dim).to(dtype).to(DEVICE)
+    step = build_decode_step(groups, seq_lens, pool_rows.to(DEVICE), req_to_token.to(DEVICE),
+                             num_qo_heads, num_kv_heads, num_sms=4)
+    q_packed = q if step.perm is None else q.index_select(0, step.perm)
+    out = torch.full_like(q_packed, float("nan"))
+    run_packed_cascade(q_packed, k, v, step.plan, head_dim ** -0.5, out)
+    if step.perm is not None:
+        out = torch.empty_like(out).index_copy_(0, step.perm, out)
+    kv_indptr = torch.zeros(len(reqs) + 1, dtype=torch.int32)
+    kv_indptr[1:] = seq_lens.cumsum(0)
+    flat = torch.cat([req_to_token[r, :n] for r, n in zip(pool_rows.tolist(), seq_lens.tolist())])
+    ref, _ = flat_decode_attention_ref(q, k, v, kv_indptr, flat.to(DEVICE), head_dim ** -0.5)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_gather_kv_indices_matches_reference():
+    g = torch.Generator().manual_seed(7)
+    req_to_token = torch.randint(0, 10_000, (6, 1300), generator=g, dtype=torch.int32)
+    rows = torch.tensor([3, 0, 5, 3], dtype=torch.int32)
+    starts = torch.tensor([0, 17, 1, 600], dtype=torch.int32)
+    ends = torch.tensor([1100, 18, 1, 1299], dtype=torch.int32)
+    indptr, ref = gather_kv_indices_ref(req_to_token, rows, starts, ends)
+    out = torch.full((int(indptr[-1]),), -1, dtype=torch.int32, device=DEVICE)
+    gather_kv_indices(req_to_token.to(DEVICE), rows.to(DEVICE), starts.to(DEVICE), indptr.to(DEVICE), out)
+    assert torch.equal(out.cpu(), ref)
+
+
+def test_prefix_is_read_from_one_row_per_group():
+    cache, reqs, req_to_token, pool_rows, seq_lens, _ = running_batch(3)
+    groups = cache.decode_groups(reqs, seq_lens.tolist())
+    step = build_decode_step(groups, seq_lens, pool_rows, req_to_token, 8, 2, num_sms=4)
+    prefix_total = int(groups.prefix_lens.sum())
+    suffix_total = int(seq_lens.sum()) - int((np.diff(groups.group_indptr) * groups.prefix_lens).sum())
+    assert step.plan.kv_indices.numel() == prefix_total + suffix_total

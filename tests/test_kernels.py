@@ -1,0 +1,94 @@
+"""packed_cascade_attention == flat attention over cat(prefix, suffix), on fresh random inputs."""
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_CUDA, TOL, gpu, rel_err
+
+from packinfer_sglang.kernels import packed_cascade_attention, plan_packed_cascade
+from packinfer_sglang.kernels.reference import packed_cascade_attention_ref
+
+
+def make_batch(group_sizes, prefix_lens, suffix_lens, num_qo_heads, num_kv_heads, head_dim, dtype,
+               device=DEVICE, seed=None):
+    """Random q and a KV pool with each group's prefix and each request's suffix at scattered slots."""
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    num_tokens = sum(group_sizes)
+    total = sum(prefix_lens) + sum(suffix_lens)
+    num_slots = total + 29
+    slots = torch.randperm(num_slots, generator=g)[:total].to(torch.int32)
+    k = torch.randn(num_slots, num_kv_heads, head_dim, generator=g).to(dtype)
+    v = torch.randn(num_slots, num_kv_heads, head_dim, generator=g).to(dtype)
+    q = torch.randn(num_tokens, num_qo_heads, head_dim, generator=g).to(dtype)
+    csr = lambda lens: torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32)
+    p_total = sum(prefix_lens)
+    args = (q, k, v, csr(group_sizes), csr(prefix_lens), slots[:p_total], csr(suffix_lens), slots[p_total:])
+    return tuple(a.to(device) for a in args)
+
+
+def check(args, dtype, **plan_kwargs):
+    q, k, v, gi, pi, pidx, si, sidx = args
+    sm_scale = q.shape[-1] ** -0.5
+    plan = plan_packed_cascade(gi, pi, pidx, si, sidx, q.shape[1], k.shape[1], **plan_kwargs)
+    out = torch.full_like(q, float("nan"))
+    out, lse = packed_cascade_attention(*args, sm_scale, out=out, return_lse=True, plan=plan)
+    ref_out, ref_lse = packed_cascade_attention_ref(*args, sm_scale)
+    assert torch.isfinite(out).all(), "unwritten or non-finite output"
+    assert rel_err(out, ref_out) < TOL[dtype]
+    torch.testing.assert_close(lse.cpu(), ref_lse.cpu(), atol=2e-2, rtol=1e-3)
+
+
+STRUCTURES = {
+    # name: (group sizes, prefix lens, suffix lens)
+    "one_group": ([5], [37], [1, 17, 3, 64, 2]),
+    "singletons": ([1, 1, 1], [0, 0, 0], [17, 1, 70]),
+    "mixed": ([3, 1, 2], [70, 0, 17], [5, 1, 17, 9, 0, 3]),
+    "empty_suffix": ([2], [33], [0, 0]),
+    "big_group": ([37], [130], [1] * 37),
+}
+
+
+@pytest.mark.parametrize("structure", list(STRUCTURES))
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (8, 1), (7, 1)], ids=lambda h: f"{h[0]}q{h[1]}kv")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_packed_equals_flat(structure, heads, dtype):
+    args = make_batch(*STRUCTURES[structure], *heads, 64, dtype)
+    check(args, dtype, prefix_chunk=64, suffix_chunk=64)  # small chunks: several partials per request
+
+
+@pytest.mark.parametrize("head_dim", [64, 128] + ([256] if HAS_CUDA else []))
+def test_head_dims_and_default_plan(head_dim):
+    args = make_batch([3, 2], [65, 130], [3, 1, 40, 2, 7], 8, 2, head_dim, torch.bfloat16)
+    check(args, torch.bfloat16)
+
+
+def test_rejects_bad_inputs():
+    q, k, v, gi, pi, pidx, si, sidx = make_batch([2], [5], [1, 1], 4, 2, 64, torch.float16, seed=0)
+    with pytest.raises(ValueError, match="int32"):
+        packed_cascade_attention(q, k, v, gi.long(), pi, pidx, si, sidx, 0.1)
+    with pytest.raises(ValueError, match="suffix_kv_indptr must have 3"):
+        packed_cascade_attention(q, k, v, gi, pi, pidx, si[:2], sidx, 0.1)
+    with pytest.raises(ValueError, match="dtypes"):
+        packed_cascade_attention(q.float(), k, v, gi, pi, pidx, si, sidx, 0.1)
+    with pytest.raises(ValueError, match="no KV tokens"):
+        empty = torch.zeros(3, dtype=torch.int32, device=q.device)
+        packed_cascade_attention(q, k, v, gi, torch.zeros(2, dtype=torch.int32, device=q.device), pidx, empty,
+                                 sidx, 0.1)
+
+
+@gpu
+@pytest.mark.parametrize("case", [(64, 4096, 256), (16, 2048, 512), (8, 512, 64), (3, 1000, 17)],
+                         ids=lambda c: "B{}_P{}_S{}".format(*c))
+@pytest.mark.parametrize("heads", [(32, 8), (28, 4), (32, 32)], ids=lambda h: f"{h[0]}q{h[1]}kv")
+def test_gpu_anchor_shapes(case, heads):
+    b, p, s = case
+    args = make_batch([b], [p], [s] * b, *heads, 128, torch.bfloat16)
+    check(args, torch.bfloat16)
+
+
+@gpu
+def test_gpu_many_groups_odd_lengths():
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    sizes = torch.randint(1, 40, (17,), generator=g).tolist()
+    prefix = torch.randint(0, 3000, (17,), generator=g).tolist()
+    suffix = torch.randint(1, 600, (sum(sizes),), generator=g).tolist()
+    check(make_batch(sizes, prefix, suffix, 32, 8, 128, torch.bfloat16), torch.bfloat16)
