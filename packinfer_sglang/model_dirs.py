@@ -32,8 +32,8 @@ Example::
 
     from pathlib import Path
     from packinfer_sglang.model_dirs import make_model_dir
-    model_dir = make_model_dir("tiny", Path("models/tiny"))
-    # python -m sglang.launch_server --model-path models/tiny --tokenizer-path models/tiny/tokenizer \
+    model_dir = make_model_dir("tiny", Path("out/models/tiny"))
+    # python -m sglang.launch_server --model-path out/models/tiny --tokenizer-path out/models/tiny/tokenizer \
     #     --load-format dummy ...
 """
 
@@ -41,9 +41,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
-
 from importlib import metadata
+from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
@@ -86,7 +85,8 @@ class ModelShape:
 
     def __post_init__(self) -> None:
         if self.num_qo_heads % self.num_kv_heads:
-            raise ValueError(f"num_qo_heads={self.num_qo_heads} not a multiple of num_kv_heads={self.num_kv_heads}")
+            raise ValueError(
+                f"num_qo_heads={self.num_qo_heads} not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.vocab_size <= len(SPECIAL_TOKENS):
             raise ValueError(f"vocab_size={self.vocab_size} leaves no room for words after {SPECIAL_TOKENS}")
 

@@ -34,9 +34,11 @@ class PackInferRadixCache(RadixCache):
         self._groups: DecodeGroups | None = None
 
     def decode_groups(self, reqs, seq_lens) -> DecodeGroups:
-        """Groups of a decode batch (rows in ``reqs`` order); recomputed only when the batch's
-        requests or lengths' order changes. ``seq_lens``: per request, tokens incl. the one decoded."""
-        key = tuple(r.rid for r in reqs)
+        """Groups of a decode batch (rows in ``reqs`` order); recomputed when the requests, their
+        order or their tree nodes change (SGLang moves ``last_node`` from the admission-time match to
+        the whole prompt once prefill results are processed, which the overlap scheduler does after
+        the first decode step is planned). ``seq_lens``: per request, tokens incl. the decoded one."""
+        key = tuple((r.rid, id(r.last_node)) for r in reqs)
         if key != self._groups_key:
             cfg = self.packinfer_config
             self._groups = form_groups([r.last_node for r in reqs], seq_lens, cfg.min_prefix_tokens,

@@ -1,8 +1,8 @@
 """Write a weightless model directory (config + word-level tokenizer) for ``--load-format dummy``.
 
-    python scripts/make_model_dir.py --shape llama-3-8b --out models/llama-3-8b
+    python scripts/make_model_dir.py --shape llama-3-8b --out out/models/llama-3-8b
 
-Serve it with ``--model-path models/llama-3-8b --tokenizer-path models/llama-3-8b/tokenizer
+Serve it with ``--model-path out/models/llama-3-8b --tokenizer-path out/models/llama-3-8b/tokenizer
 --load-format dummy``; ``packinfer_sglang.model_dirs`` explains the layout.
 """
 
@@ -14,24 +14,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from packinfer_sglang.model_dirs import SHAPES, config_dict, make_model_dir, tokenizer_dir  # noqa: E402
+from packinfer_sglang.model_dirs import SHAPES, config_dict, make_model_dir, tokenizer_dir
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     """Command-line flags of this script."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", required=True, choices=sorted(SHAPES), help="model shape preset to write")
-    parser.add_argument("--out", required=True, type=Path, help="model directory to create (overwrites its files)")
-    return parser.parse_args(argv)
+    parser.add_argument("--out", required=True, type=Path,
+                        help="model directory to create (overwrites its files)")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     model_dir = make_model_dir(args.shape, args.out)
     config = config_dict(SHAPES[args.shape])
     print(
         f"wrote {model_dir} ({config['architectures'][0]}, {config['num_hidden_layers']} layers, "
-        f"hidden {config['hidden_size']}, vocab {config['vocab_size']}); tokenizer in {tokenizer_dir(model_dir)}"
+        f"hidden {config['hidden_size']}, vocab {config['vocab_size']});"
+        f" tokenizer in {tokenizer_dir(model_dir)}"
     )
 
 

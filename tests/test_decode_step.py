@@ -75,7 +75,7 @@ def test_gather_kv_indices_matches_reference():
 def test_prefix_is_read_from_one_row_per_group():
     cache, reqs, req_to_token, pool_rows, seq_lens, _ = running_batch(3)
     groups = cache.decode_groups(reqs, seq_lens.tolist())
-    step = build_decode_step(groups, seq_lens, pool_rows, req_to_token, 8, 2, num_sms=4)
+    step = build_decode_step(groups, seq_lens, pool_rows.to(DEVICE), req_to_token.to(DEVICE), 8, 2, num_sms=4)
     prefix_total = int(groups.prefix_lens.sum())
     suffix_total = int(seq_lens.sum()) - int((np.diff(groups.group_indptr) * groups.prefix_lens).sum())
     assert step.plan.kv_indices.numel() == prefix_total + suffix_total

@@ -120,3 +120,18 @@ def test_check_integrity_catches_counter_drift():
     cache.evictable_size_ += 1
     with pytest.raises(AssertionError, match="counters say"):
         cache.check_integrity()
+
+
+def test_cache_recomputes_when_nodes_move():
+    # SGLang first holds the admission-time match, then the whole prompt's node after prefill.
+    rng = random.Random(6)
+    cache = new_cache(min_prefix_tokens=16)
+    reqs, _ = admit(cache, shared_prefix_prompts(rng, 1, 3, 40, 5), rng)
+    lens = [len(r.tokens) + 1 for r in reqs]
+    nodes = [r.last_node for r in reqs]
+    for r in reqs:
+        r.last_node = cache.root_node
+    assert cache.decode_groups(reqs, lens).num_groups == 3
+    for r, n in zip(reqs, nodes):
+        r.last_node = n
+    assert cache.decode_groups(reqs, lens).num_groups == 1
