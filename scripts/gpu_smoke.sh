@@ -6,6 +6,7 @@
 #   SHAPE=tiny|llama-3-8b  GROUPS=2 PER_GROUP=8 SYSTEM=512 QUESTION=16 OUTPUT=32  bash scripts/gpu_smoke.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/packinfer-smoke}; mkdir -p "$OUT"
+export SGLANG_PLUGINS=${SGLANG_PLUGINS:-packinfer}  # only ours: the archive leaves out the smg plugins' deps
 SHAPE=${SHAPE:-tiny}; PORT=${PORT:-30111}; MODEL=/tmp/packinfer-models/$SHAPE
 python scripts/make_model_dir.py --shape "$SHAPE" --out "$MODEL" || exit 1
 PACKINFER_VERIFY=${VERIFY:-1} PACKINFER_LOG_EVERY=${LOG_EVERY:-20} PACKINFER_MIN_PREFIX_TOKENS=${MIN_PREFIX:-64} \
