@@ -8,8 +8,8 @@ where ``merge`` is the log-sum-exp combination of :mod:`.merge`. The prefix term
 all requests of a group at once: the group's queries times the GQA ratio form the ``BLOCK_M`` rows
 of one tile, so each prefix KV block is loaded once per tile and multiplied on tensor cores
 (``tl.dot``) instead of being re-read by every request. Suffix terms run one request per tile.
-Both run through one kernel, ``_packed_attn_partial_kernel``, over the work items of
-:mod:`.plan`, each writing float32 partial states; a merge kernel combines them.
+Both run in one launch of ``_packed_attn_partial_kernel`` over the work items of :mod:`.plan`
+(prefix items first), each writing float32 partial states; a merge kernel combines them.
 
 Row ``r`` of a tile is request ``qo_start + r // GQA`` and query head ``kv_head * GQA + r % GQA``.
 Scores are carried in base 2 (``qk * sm_scale * log2(e)``); the partial ``lse`` is stored in natural
@@ -34,16 +34,15 @@ BLOCK_N = 64
 
 
 @triton.jit
-def _packed_attn_partial_kernel(
+def _attend_item(
     Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial,
-    sm_scale_log2,
+    item, kv_head, sm_scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_pr, stride_ph, stride_lr,
     GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    item = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    """One work item (a tile of query rows against one KV chunk) for one KV head."""
     qo_start = tl.load(Items + item * 5 + 0)
     qo_len = tl.load(Items + item * 5 + 1)
     kv_start = tl.load(Items + item * 5 + 2)
@@ -93,6 +92,32 @@ def _packed_attn_partial_kernel(
     tl.store(LSE_Partial + row * stride_lr + head, lse2 * 0.6931471805599453, mask=mask_m)
 
 
+@triton.jit
+def _packed_attn_partial_kernel(
+    Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial,
+    num_prefix_items, sm_scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_pr, stride_ph, stride_lr,
+    GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREFIX_BLOCK_M: tl.constexpr, SUFFIX_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """Prefix items (``PREFIX_BLOCK_M`` rows: a group's requests x GQA) then suffix items
+    (``SUFFIX_BLOCK_M`` rows: one request x GQA), all in one launch."""
+    item = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    if item < num_prefix_items:
+        _attend_item(Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial,
+                     item, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
+                     stride_vt, stride_vh, stride_pr, stride_ph, stride_lr,
+                     GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, BLOCK_N, DOT_FP32)
+    else:
+        _attend_item(Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial,
+                     item, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
+                     stride_vt, stride_vh, stride_pr, stride_ph, stride_lr,
+                     GQA, HEAD_DIM, BLOCK_D, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32)
+
+
 class PackedCascadePlan(NamedTuple):
     """Device-side plan shared by all layers of one decode step.
 
@@ -100,8 +125,8 @@ class PackedCascadePlan(NamedTuple):
     ``merge_indptr`` are int32 on the same device; see :mod:`.plan`.
     """
 
-    prefix_items: torch.Tensor  # [num_prefix_items, ITEM_FIELDS]
-    suffix_items: torch.Tensor  # [num_suffix_items, ITEM_FIELDS]
+    items: torch.Tensor  # [num_items, ITEM_FIELDS]: prefix items first, then suffix items
+    num_prefix_items: int
     merge_indptr: torch.Tensor  # [num_tokens + 1]
     kv_indices: torch.Tensor  # [total prefix + suffix slots]
     num_partials: int
@@ -133,7 +158,7 @@ def make_plan(
     n_p, n_items = len(work.prefix_items), len(both)
     items = flat[: n_items * ITEM_FIELDS].view(n_items, ITEM_FIELDS)
     return PackedCascadePlan(
-        items[:n_p], items[n_p:], flat[n_items * ITEM_FIELDS :], kv_indices, work.num_partials,
+        items, n_p, flat[n_items * ITEM_FIELDS :], kv_indices, work.num_partials,
         prefix_block_m, suffix_block_m_for(gqa_group_size),
     )
 
@@ -178,19 +203,17 @@ def run_packed_cascade(
     gqa = num_qo_heads // num_kv_heads
     o_partial = torch.empty(plan.num_partials, num_qo_heads, head_dim, dtype=torch.float32, device=q.device)
     lse_partial = torch.empty(plan.num_partials, num_qo_heads, dtype=torch.float32, device=q.device)
-    block_d = triton.next_power_of_2(head_dim)
-    for items, block_m in ((plan.prefix_items, plan.prefix_block_m), (plan.suffix_items, plan.suffix_block_m)):
-        if len(items) == 0:
-            continue
-        _packed_attn_partial_kernel[(len(items), num_kv_heads)](
-            q, k_buffer, v_buffer, plan.kv_indices, items, plan.merge_indptr, o_partial, lse_partial,
-            sm_scale * 1.4426950408889634,
+    if len(plan.items):
+        _packed_attn_partial_kernel[(len(plan.items), num_kv_heads)](
+            q, k_buffer, v_buffer, plan.kv_indices, plan.items, plan.merge_indptr, o_partial, lse_partial,
+            plan.num_prefix_items, sm_scale * 1.4426950408889634,
             q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
             v_buffer.stride(0), v_buffer.stride(1),
             o_partial.stride(0), o_partial.stride(1), lse_partial.stride(0),
-            GQA=gqa, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+            GQA=gqa, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+            PREFIX_BLOCK_M=plan.prefix_block_m, SUFFIX_BLOCK_M=plan.suffix_block_m, BLOCK_N=BLOCK_N,
             DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16,
-            num_warps=4 if block_m * block_d <= 64 * 128 else 8, num_stages=2,
+            num_warps=4 if plan.prefix_block_m * head_dim <= 64 * 128 else 8, num_stages=2,
         )
     merge_partials(o_partial, lse_partial, plan.merge_indptr, out, lse)
 

@@ -130,7 +130,7 @@ def plan_work(
     span_qo_len = np.minimum(tokens_per_block, gi[span_group + 1] - span_qo_start)
     if prefix_chunk is None:
         prefix_chunk = _chunk_len(int((prefix_lens * blocks).sum()), num_kv_heads, num_sms * waves,
-                                  lo=4 * kv_align, align=kv_align)
+                                  lo=2 * kv_align, align=kv_align)
     prefix_items = _items(span_qo_start, span_qo_len, pi[span_group], prefix_lens[span_group],
                           prefix_chunk, np.zeros_like(span_group))
 

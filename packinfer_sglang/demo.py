@@ -113,7 +113,7 @@ def run_demo(num_groups=4, prompts_per_group=8, system_len=256, question_len=16,
     flat = torch.cat([req_to_token[i, :n] for i, n in enumerate(seq_lens.tolist())])
     ref, _ = flat_decode_attention_ref(q, k, v, kv_indptr, flat.to(dev), head_dim ** -0.5)
     token_bytes = 2 * num_kv_heads * head_dim * q.element_size()  # K and V of one token, all heads
-    items = torch.cat([step.plan.prefix_items, step.plan.suffix_items]).cpu()
+    items = step.plan.items.cpu()
     diff = (out.double() - ref.double())
     return DemoResult(len(reqs), groups.num_groups, (groups.group_indptr[1:] - groups.group_indptr[:-1]).tolist(),
                       groups.prefix_lens.tolist(), int(seq_lens.sum()) * token_bytes,
