@@ -39,6 +39,7 @@ class PackInferAttnBackend(TritonAttnBackend):
         self._triton_ready = True  # whether TritonAttnBackend's metadata matches this batch
         self._batch = None
         self._num_steps = 0
+        self._grouped_by_tree = False
         self._max_err = 0.0
         self._checked = 0
 
@@ -48,7 +49,8 @@ class PackInferAttnBackend(TritonAttnBackend):
         mode = forward_batch.forward_mode
         if mode.is_decode() and forward_batch.spec_info is None and forward_batch.batch_size > 0:
             groups = getattr(forward_batch, "packinfer_groups", None)
-            if groups is None or len(groups.order) != forward_batch.batch_size:
+            self._grouped_by_tree = groups is not None and len(groups.order) == forward_batch.batch_size
+            if not self._grouped_by_tree:
                 groups = ungrouped(forward_batch.batch_size)
             self._step = build_decode_step(
                 groups, forward_batch.seq_lens_cpu, forward_batch.req_pool_indices, self.req_to_token,
@@ -112,8 +114,8 @@ class PackInferAttnBackend(TritonAttnBackend):
         if every and self._num_steps % every == 0:
             g = self._step.groups
             verified = f", verified {self._checked} layer-steps, max rel err {self._max_err:.2e}" if self.config.verify else ""
-            logger.info("packinfer: decode step %d, batch %d, %d groups (largest %d), prefix tokens saved %d%s",
-                        self._num_steps, batch_size, g.num_groups, int(max(1, (g.group_indptr[1:] - g.group_indptr[:-1]).max())),
+            logger.info("packinfer: decode step %d, batch %d, %s%d groups (largest %d), prefix tokens saved %d%s",
+                        self._num_steps, batch_size, "" if self._grouped_by_tree else "no tree groups: ", g.num_groups, int(max(1, (g.group_indptr[1:] - g.group_indptr[:-1]).max())),
                         g.shared_token_reads_saved, verified)
 
 

@@ -22,16 +22,26 @@ from .config import get_config
 from .grouping import DecodeGroups, form_groups
 
 logger = logging.getLogger(__name__)
+_current: "PackInferRadixCache | None" = None  # the scheduler process's cache (one per process)
+
+
+def current_cache() -> "PackInferRadixCache | None":
+    """The packinfer radix cache of this process, if one was built (batches copied for the overlap
+    scheduler do not always carry ``tree_cache``)."""
+    return _current
 
 
 class PackInferRadixCache(RadixCache):
     """SGLang's ``RadixCache`` plus decode grouping. Constructed like it, from ``CacheInitParams``."""
 
     def __init__(self, params, config=None):
+        global _current
         super().__init__(params)
+        _current = self
         self.packinfer_config = config or get_config()
         self._groups_key: tuple | None = None
         self._groups: DecodeGroups | None = None
+        self._no_group_logs = 0
 
     def decode_groups(self, reqs, seq_lens) -> DecodeGroups:
         """Groups of a decode batch (rows in ``reqs`` order); recomputed when the requests, their
@@ -44,6 +54,12 @@ class PackInferRadixCache(RadixCache):
             self._groups = form_groups([r.last_node for r in reqs], seq_lens, cfg.min_prefix_tokens,
                                        cfg.min_group_size)
             self._groups_key = key
+            if self._groups.num_groups == len(reqs) > 1 and self._no_group_logs < 3:
+                self._no_group_logs += 1
+                depths = sorted(len(slots_of_path(r.last_node)) for r in reqs)
+                logger.info("packinfer: no group among %d requests; tree node depths min %d, median %d, max %d "
+                            "tokens; min_prefix_tokens %d", len(reqs), depths[0], depths[len(depths) // 2],
+                            depths[-1], cfg.min_prefix_tokens)
         return self._groups
 
     def check_integrity(self, running_tokens: int | None = None) -> None:

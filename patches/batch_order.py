@@ -44,10 +44,11 @@ def _reorder_safe(batch) -> bool:
 def group_adjacent(batch, *args, **kwargs):
     """``HookType.BEFORE`` hook: ``(batch)``; returns ``None`` (arguments unchanged)."""
     from packinfer_sglang.config import get_config
-    from packinfer_sglang.radix_cache import PackInferRadixCache
+    from packinfer_sglang.radix_cache import PackInferRadixCache, current_cache
 
     tree = getattr(batch, "tree_cache", None)
-    if not (get_config().reorder_batch and isinstance(tree, PackInferRadixCache) and _reorder_safe(batch)):
+    tree = tree if isinstance(tree, PackInferRadixCache) else current_cache()
+    if not (get_config().reorder_batch and tree is not None and _reorder_safe(batch)):
         return None
     groups = tree.decode_groups(batch.reqs, batch.seq_lens_cpu)
     if not groups.is_identity:
