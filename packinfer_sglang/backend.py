@@ -24,6 +24,7 @@ from .grouping import ungrouped
 from .kernels import run_packed_cascade
 from .kernels.checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 from .kernels.packed_cascade import num_sms_of
+from .radix_cache import current_cache
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ class PackInferAttnBackend(TritonAttnBackend):
         self._step, self._batch, self._triton_ready = None, forward_batch, True
         mode = forward_batch.forward_mode
         if mode.is_decode() and forward_batch.spec_info is None and forward_batch.batch_size > 0:
-            groups = getattr(forward_batch, "packinfer_groups", None)
+            cache = current_cache()
+            groups = cache.take_decode_groups(forward_batch.seq_lens_cpu) if cache is not None else None
             self._grouped_by_tree = groups is not None and len(groups.order) == forward_batch.batch_size
             if not self._grouped_by_tree:
                 groups = ungrouped(forward_batch.batch_size)
@@ -57,7 +59,7 @@ class PackInferAttnBackend(TritonAttnBackend):
                 self.num_head, self.num_kv_head, self.num_sms,
             )
             self._log_step(forward_batch.batch_size)
-            if not self.config.verify:
+            if not self._verify_this_step():
                 self._triton_ready = False  # built lazily if a layer falls back
                 return
         super().init_forward_metadata(forward_batch)
@@ -76,7 +78,7 @@ class PackInferAttnBackend(TritonAttnBackend):
         if save_kv_cache:
             self.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
         out = self._packed_decode(q, layer)
-        if self.config.verify:
+        if self._verify_this_step():
             ref = super().forward_decode(q, k, v, layer, forward_batch, False, **kwargs)
             self._check(out, ref, layer)
         return out
@@ -95,6 +97,9 @@ class PackInferAttnBackend(TritonAttnBackend):
         return out.view(-1, num_heads * head_dim)
 
     # -- verification and logging ---------------------------------------------------------
+    def _verify_this_step(self) -> bool:
+        return self.config.verify and self._num_steps % self.config.verify_every == 0
+
     def _check(self, out, ref, layer):
         ref32 = ref.float()
         err = ((out.float() - ref32).norm() / ref32.norm().clamp_min(1e-30)).item()

@@ -9,6 +9,7 @@ environment variables reach every rank; ``packinfer serve`` sets them from its f
 | ``PACKINFER_MIN_GROUP_SIZE`` | 2 | and hold at least this many running requests |
 | ``PACKINFER_REORDER_BATCH`` | 1 | make each group's requests adjacent in the running batch |
 | ``PACKINFER_VERIFY`` | 0 | compute SGLang's Triton decode beside ours for every layer and step |
+| ``PACKINFER_VERIFY_EVERY`` | 1 | with verification on, check one decode step in this many |
 | ``PACKINFER_VERIFY_RTOL`` | 2e-2 | verification fails above this relative L2 error (bf16 outputs) |
 | ``PACKINFER_LOG_EVERY`` | 500 | decode steps between grouping/verification log lines (0: never) |
 """
@@ -31,6 +32,7 @@ class PackInferConfig:
     min_group_size: int = 2
     reorder_batch: bool = True
     verify: bool = False
+    verify_every: int = 1
     verify_rtol: float = 2e-2
     log_every: int = 500
 
@@ -41,6 +43,8 @@ class PackInferConfig:
             raise ValueError(f"min_group_size must be >= 2, got {self.min_group_size}")
         if not 0 < self.verify_rtol < 1:
             raise ValueError(f"verify_rtol must be in (0, 1), got {self.verify_rtol}")
+        if self.verify_every < 1:
+            raise ValueError(f"verify_every must be >= 1, got {self.verify_every}")
         if self.log_every < 0:
             raise ValueError(f"log_every must be >= 0, got {self.log_every}")
 

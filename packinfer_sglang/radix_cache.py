@@ -42,6 +42,7 @@ class PackInferRadixCache(RadixCache):
         self._groups_key: tuple | None = None
         self._groups: DecodeGroups | None = None
         self._no_group_logs = 0
+        self._offered = None
 
     def decode_groups(self, reqs, seq_lens) -> DecodeGroups:
         """Groups of a decode batch (rows in ``reqs`` order); recomputed when the requests, their
@@ -61,6 +62,22 @@ class PackInferRadixCache(RadixCache):
                             "tokens; min_prefix_tokens %d", len(reqs), depths[0], depths[len(depths) // 2],
                             depths[-1], cfg.min_prefix_tokens)
         return self._groups
+
+    def offer_decode_groups(self, seq_lens_cpu, groups: DecodeGroups) -> None:
+        """Hands a decode batch's groups to the attention backend (called from ``ForwardBatch.init_new``;
+        SGLang's model runner copies the forward batch, so attributes set on it do not arrive)."""
+        self._offered = (seq_lens_cpu, groups)
+
+    def take_decode_groups(self, seq_lens_cpu) -> DecodeGroups | None:
+        """The groups offered for the batch with these lengths, once; ``None`` if none match."""
+        offered, self._offered = self._offered, None
+        if offered is None or seq_lens_cpu is None or offered[0] is None:
+            return None
+        lens, groups = offered
+        n = len(groups.order)
+        if len(seq_lens_cpu) < n or not torch.equal(lens[:n].cpu(), seq_lens_cpu[:n].cpu()):
+            return None
+        return groups
 
     def check_integrity(self, running_tokens: int | None = None) -> None:
         """Checks the tree and, when ``running_tokens`` (slots held by running requests outside the

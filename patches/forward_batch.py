@@ -1,9 +1,11 @@
-"""AFTER hook on ``ForwardBatch.init_new``: attaches ``packinfer_groups`` to decode batches.
+"""AFTER hook on ``ForwardBatch.init_new``: offers each decode batch's groups to the backend.
 
 The scheduler's ``ScheduleBatch`` knows its requests; the ``ForwardBatch`` that the attention
-backend receives does not. For decode batches of a server using the packinfer radix cache, this
-hook stores the cache's :class:`~packinfer_sglang.grouping.DecodeGroups` on the forward batch (rows in
-the batch's order). It reads the schedule batch and mutates only the new forward batch.
+backend receives does not, and SGLang's model runner copies it into static buffers (so extra
+attributes are lost). For decode batches of a server using the packinfer radix cache, this hook
+computes the cache's :class:`~packinfer_sglang.grouping.DecodeGroups` (rows in batch order) and
+offers them, keyed by the batch's lengths, to the backend's next ``init_forward_metadata``. It
+reads the schedule batch and changes no SGLang state.
 """
 
 from __future__ import annotations
@@ -36,5 +38,5 @@ def attach_decode_groups(forward_batch, *args, **kwargs):
     elif len(batch.reqs) != forward_batch.batch_size:
         _warn_once(f"{len(batch.reqs)} requests for batch size {forward_batch.batch_size}")
     else:
-        forward_batch.packinfer_groups = tree.decode_groups(batch.reqs, batch.seq_lens_cpu)
+        tree.offer_decode_groups(batch.seq_lens_cpu, tree.decode_groups(batch.reqs, batch.seq_lens_cpu))
     return forward_batch

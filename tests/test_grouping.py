@@ -135,3 +135,18 @@ def test_cache_recomputes_when_nodes_move():
     for r, n in zip(reqs, nodes):
         r.last_node = n
     assert cache.decode_groups(reqs, lens).num_groups == 1
+
+
+def test_offered_groups_are_taken_once_and_only_for_matching_lengths():
+    import torch
+
+    rng = random.Random(7)
+    cache = new_cache(min_prefix_tokens=16)
+    reqs, _ = admit(cache, shared_prefix_prompts(rng, 2, 3, 40, 5), rng)
+    lens = torch.tensor([len(r.tokens) + 1 for r in reqs])
+    groups = cache.decode_groups(reqs, lens.tolist())
+    cache.offer_decode_groups(lens, groups)
+    assert cache.take_decode_groups(lens + 1) is None  # another batch: not taken, and offer dropped
+    cache.offer_decode_groups(lens, groups)
+    assert cache.take_decode_groups(lens.clone()) is groups
+    assert cache.take_decode_groups(lens) is None  # once
