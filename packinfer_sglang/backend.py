@@ -41,6 +41,7 @@ class PackInferAttnBackend(TritonAttnBackend):
         self._batch = None
         self._num_steps = 0
         self._grouped_by_tree = False
+        self._warned_no_cache = False
         self._max_err = 0.0
         self._checked = 0
 
@@ -50,6 +51,10 @@ class PackInferAttnBackend(TritonAttnBackend):
         mode = forward_batch.forward_mode
         if mode.is_decode() and forward_batch.spec_info is None and forward_batch.batch_size > 0:
             cache = current_cache()
+            if cache is None and not self._warned_no_cache:
+                self._warned_no_cache = True
+                logger.warning("packinfer: no packinfer radix cache, so decode runs ungrouped; "
+                               "add --radix-cache-backend packinfer")
             groups = cache.take_decode_groups(forward_batch.seq_lens_cpu) if cache is not None else None
             self._grouped_by_tree = groups is not None and len(groups.order) == forward_batch.batch_size
             if not self._grouped_by_tree:

@@ -34,8 +34,8 @@ def attach_decode_groups(forward_batch, *args, **kwargs):
     if not isinstance(tree, PackInferRadixCache):
         tree = current_cache()
     if tree is None:
-        _warn_once("no packinfer radix cache in this process (add --radix-cache-backend packinfer)")
-    elif len(batch.reqs) != forward_batch.batch_size:
+        return forward_batch  # this server does not use --radix-cache-backend packinfer
+    if len(batch.reqs) != forward_batch.batch_size:
         _warn_once(f"{len(batch.reqs)} requests for batch size {forward_batch.batch_size}")
     else:
         tree.offer_decode_groups(batch.seq_lens_cpu, tree.decode_groups(batch.reqs, batch.seq_lens_cpu))
