@@ -49,7 +49,8 @@ class PackInferAttnBackend(TritonAttnBackend):
     def init_forward_metadata(self, forward_batch):
         self._step, self._batch, self._triton_ready = None, forward_batch, True
         mode = forward_batch.forward_mode
-        if mode.is_decode() and forward_batch.spec_info is None and forward_batch.batch_size > 0:
+        if (mode.is_decode() and forward_batch.spec_info is None and forward_batch.batch_size > 0
+                and forward_batch.seq_lens_cpu is not None):  # host lengths plan the step without a sync
             cache = current_cache()
             if cache is None and not self._warned_no_cache:
                 self._warned_no_cache = True
