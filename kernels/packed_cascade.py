@@ -141,6 +141,13 @@ def num_sms_of(device: torch.device) -> int:
     return 4
 
 
+def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copies a host tensor to ``device``, asynchronously through pinned memory when it is a GPU."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def suffix_block_m_for(gqa_group_size: int) -> int:
     """Rows of a suffix tile: the GQA ratio, padded to the 16 rows ``tl.dot`` needs."""
     return max(16, triton.next_power_of_2(gqa_group_size))
@@ -152,9 +159,7 @@ def make_plan(
     """Copies a host :class:`WorkPlan` next to ``kv_indices`` (its device) as a :class:`PackedCascadePlan`."""
     dev = kv_indices.device
     both = np.concatenate([work.prefix_items, work.suffix_items]).reshape(-1, ITEM_FIELDS)
-    host = torch.from_numpy(np.concatenate([both.reshape(-1), work.merge_indptr]))
-    host = host.pin_memory() if dev.type == "cuda" else host
-    flat = host.to(dev, non_blocking=True)
+    flat = host_to_device(torch.from_numpy(np.concatenate([both.reshape(-1), work.merge_indptr])), dev)
     n_p, n_items = len(work.prefix_items), len(both)
     items = flat[: n_items * ITEM_FIELDS].view(n_items, ITEM_FIELDS)
     return PackedCascadePlan(

@@ -56,7 +56,7 @@ def _chunk_len(total_kv: int, num_kv_heads: int, target_ctas: int, lo: int, alig
 def _items(qo_start, qo_len, kv_start, kv_len, chunk, slot_base):
     """Cuts each ``(qo, kv)`` span into KV chunks of ``chunk`` tokens; returns the item table."""
     n_chunks = _ceil_div(kv_len, chunk)
-    rep = lambda a: np.repeat(a, n_chunks)  # noqa: E731
+    rep = lambda a: np.repeat(a, n_chunks)
     first = np.cumsum(n_chunks) - n_chunks
     c = np.arange(int(n_chunks.sum()), dtype=np.int64) - rep(first)  # chunk index within its span
     kv_off = c * chunk

@@ -19,9 +19,8 @@ import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
 from .config import get_config
-from .decode_step import DecodeStep, build_decode_step
+from .decode_step import DecodeStep, build_decode_step, run_decode_step
 from .grouping import ungrouped
-from .kernels import run_packed_cascade
 from .kernels.checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 from .kernels.packed_cascade import num_sms_of
 from .radix_cache import current_cache
@@ -90,16 +89,10 @@ class PackInferAttnBackend(TritonAttnBackend):
         return out
 
     def _packed_decode(self, q, layer):
-        step = self._step
         num_heads, head_dim = layer.tp_q_head_num, layer.qk_head_dim
-        q3 = q.reshape(-1, num_heads, head_dim)
-        if step.perm is not None:
-            q3 = q3.index_select(0, step.perm)
-        out = torch.empty_like(q3)
-        run_packed_cascade(q3, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
-                           self.token_to_kv_pool.get_value_buffer(layer.layer_id), step.plan, layer.scaling, out)
-        if step.perm is not None:
-            out = torch.empty_like(out).index_copy_(0, step.perm, out)
+        out = run_decode_step(self._step, q.reshape(-1, num_heads, head_dim),
+                              self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                              self.token_to_kv_pool.get_value_buffer(layer.layer_id), layer.scaling)
         return out.view(-1, num_heads * head_dim)
 
     # -- verification and logging ---------------------------------------------------------

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from .grouping import DecodeGroups
-from .kernels import PackedCascadePlan, gather_kv_indices, make_plan, plan_work
-from .kernels.packed_cascade import BLOCK_N, PREFIX_BLOCK_M
+from .kernels import PackedCascadePlan, gather_kv_indices, make_plan, plan_work, run_packed_cascade
+from .kernels.packed_cascade import BLOCK_N, PREFIX_BLOCK_M, host_to_device
 
 
 class DecodeStep(NamedTuple):
@@ -47,8 +47,7 @@ def _host_lengths(groups: DecodeGroups, seq_lens: np.ndarray):
 
 
 def _to_device(a: np.ndarray, dev: torch.device) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t.to(dev)
+    return host_to_device(torch.from_numpy(np.ascontiguousarray(a)), dev)
 
 
 def _indptr(lens: np.ndarray) -> np.ndarray:
@@ -100,3 +99,21 @@ def build_decode_step(
     plan = make_plan(work, kv_indices, gqa)
     perm = None if groups.is_identity else _to_device(order, dev)
     return DecodeStep(plan, perm, groups)
+
+
+def run_decode_step(step: DecodeStep, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+                    sm_scale: float) -> torch.Tensor:
+    """Packed decode attention of one layer for a planned step.
+
+    Args:
+        q: ``[num_tokens, num_qo_heads, head_dim]`` in batch order.
+        k_buffer, v_buffer: ``[num_slots, num_kv_heads, head_dim]``, the layer's KV pool.
+
+    Returns:
+        ``[num_tokens, num_qo_heads, head_dim]`` in batch order, ``q``'s dtype. Rows are gathered
+        into group order for the kernel and scattered back when the batch is not group-adjacent.
+    """
+    q_packed = q if step.perm is None else q.index_select(0, step.perm)
+    out = torch.empty_like(q_packed)
+    run_packed_cascade(q_packed, k_buffer, v_buffer, step.plan, sm_scale, out)
+    return out if step.perm is None else torch.empty_like(out).index_copy_(0, step.perm, out)

@@ -79,8 +79,7 @@ def run_demo(num_groups=4, prompts_per_group=8, system_len=256, question_len=16,
              num_qo_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, seed=0,
              device="cpu") -> DemoResult:
     """Runs the pipeline once (see module docstring); sizes in tokens."""
-    from .decode_step import build_decode_step
-    from .kernels import run_packed_cascade
+    from .decode_step import build_decode_step, run_decode_step
     from .kernels.reference import flat_decode_attention_ref
 
     rng = random.Random(seed)
@@ -103,11 +102,7 @@ def run_demo(num_groups=4, prompts_per_group=8, system_len=256, question_len=16,
     q = torch.randn(len(reqs), num_qo_heads, head_dim, generator=g).to(dtype).to(dev)
     step = build_decode_step(groups, seq_lens, torch.arange(len(reqs), device=dev), req_to_token.to(dev),
                              num_qo_heads, num_kv_heads, num_sms=4)
-    q_packed = q if step.perm is None else q.index_select(0, step.perm)
-    out = torch.empty_like(q_packed)
-    run_packed_cascade(q_packed, k, v, step.plan, head_dim ** -0.5, out)
-    if step.perm is not None:
-        out = torch.empty_like(out).index_copy_(0, step.perm, out)
+    out = run_decode_step(step, q, k, v, head_dim ** -0.5)
     kv_indptr = torch.zeros(len(reqs) + 1, dtype=torch.int32)
     kv_indptr[1:] = seq_lens.cumsum(0)
     flat = torch.cat([req_to_token[i, :n] for i, n in enumerate(seq_lens.tolist())])

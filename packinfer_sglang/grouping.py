@@ -20,7 +20,8 @@ Complexity: O(sum of path lengths in nodes), pure Python on the host, once per d
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 

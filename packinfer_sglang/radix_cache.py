@@ -22,10 +22,10 @@ from .config import get_config
 from .grouping import DecodeGroups, form_groups
 
 logger = logging.getLogger(__name__)
-_current: "PackInferRadixCache | None" = None  # the scheduler process's cache (one per process)
+_current: PackInferRadixCache | None = None  # the scheduler process's cache (one per process)
 
 
-def current_cache() -> "PackInferRadixCache | None":
+def current_cache() -> PackInferRadixCache | None:
     """The packinfer radix cache of this process, if one was built (batches copied for the overlap
     scheduler do not always carry ``tree_cache``)."""
     return _current

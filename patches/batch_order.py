@@ -49,8 +49,8 @@ def group_adjacent(batch, *args, **kwargs):
     tree = getattr(batch, "tree_cache", None)
     tree = tree if isinstance(tree, PackInferRadixCache) else current_cache()
     if not (get_config().reorder_batch and tree is not None and _reorder_safe(batch)):
-        return None
+        return
     groups = tree.decode_groups(batch.reqs, batch.seq_lens_cpu)
     if not groups.is_identity:
         permute_batch(batch, groups.order.tolist())
-    return None
+    return

@@ -23,11 +23,12 @@ import statistics
 import sys
 import timeit
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -173,9 +174,9 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> CaseInputs:
     perm = torch.randperm(num_slots)
     prefix_slots, suffix_slots = perm[: G * P].view(G, P), perm[G * P :].view(B, S)
     flat = torch.cat([prefix_slots.repeat_interleave(B // G, 0), suffix_slots], 1)
-    i32 = lambda t: t.reshape(-1).to(device=device, dtype=torch.int32)  # noqa: E731
-    csr = lambda n, step: i32(torch.arange(n + 1) * step)  # noqa: E731
-    rand = lambda n, h: torch.randn(n, h, case.head_dim, device=device).to(DTYPES[case.dtype])  # noqa: E731
+    i32 = lambda t: t.reshape(-1).to(device=device, dtype=torch.int32)
+    csr = lambda n, step: i32(torch.arange(n + 1) * step)
+    rand = lambda n, h: torch.randn(n, h, case.head_dim, device=device).to(DTYPES[case.dtype])
     return CaseInputs(rand(B, case.num_qo_heads), rand(num_slots, case.num_kv_heads),
                       rand(num_slots, case.num_kv_heads), csr(G, B // G), csr(G, P), i32(prefix_slots),
                       csr(B, S), i32(suffix_slots), csr(B, P + S), i32(flat), case.head_dim ** -0.5)
@@ -257,7 +258,7 @@ def build_flashinfer_cascade(inp: CaseInputs, kern=None) -> Impl:
         raise Skipped("needs a shared prefix and a suffix")
     flashinfer, workspace, pages = _flashinfer(inp)
     (num_tokens, num_qo_heads, head_dim), q = inp.q.shape, inp.q
-    ones = lambda n: torch.ones(n, dtype=torch.int32, device=q.device)  # noqa: E731
+    ones = lambda n: torch.ones(n, dtype=torch.int32, device=q.device)
     wrapper = flashinfer.MultiLevelCascadeAttentionWrapper(2, workspace, "NHD")
     wrapper.plan([inp.group_indptr, torch.arange(num_tokens + 1, dtype=torch.int32, device=q.device)],
                  [inp.prefix_kv_indptr, inp.suffix_kv_indptr], [inp.prefix_kv_indices, inp.suffix_kv_indices],
@@ -346,11 +347,11 @@ def import_kernels():
 def environment(device: torch.device) -> dict:
     """GPU, library versions, date and method statements for the report header."""
     cuda = device.type == "cuda"
-    version = lambda dist: next((d.version for d in metadata.distributions(name=dist)), None)  # noqa: E731
+    version = lambda dist: next((d.version for d in metadata.distributions(name=dist)), None)
     return {"gpu": torch.cuda.get_device_name(device) if cuda else "cpu (Triton interpreter)",
             "torch": torch.__version__, "triton": version("triton"), "sglang": version("sglang"),
             "flashinfer": version("flashinfer-python"),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "timing": TIMING_METHOD if cuda else "not timed", "l2": L2_STATE, "tolerance": TOLERANCE}
 
 

@@ -72,7 +72,7 @@ def test_filter_cases_by_substring():
 
 
 def test_render_table():
-    ok = lambda us: {"status": "ok", "us": us, "rel_err": 3e-3}  # noqa: E731
+    ok = lambda us: {"status": "ok", "us": us, "rel_err": 3e-3}
     rows = [
         {"case": "B64_P4096_S256", "floor_us": 20.0, "impls": {
             "ours": {**ok(25.0), "plan_us": 140.0}, "sglang_triton": ok(225.0),

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import DEVICE, TOL, rel_err
+from packinfer_sglang.kernels import gather_kv_indices
+from packinfer_sglang.kernels.reference import flat_decode_attention_ref, gather_kv_indices_ref
 from workload import admit, new_cache, shared_prefix_prompts
 
-from packinfer_sglang.decode_step import build_decode_step
+from packinfer_sglang.decode_step import build_decode_step, run_decode_step
 from packinfer_sglang.grouping import ungrouped
-from packinfer_sglang.kernels import gather_kv_indices, run_packed_cascade
-from packinfer_sglang.kernels.reference import flat_decode_attention_ref, gather_kv_indices_ref
 
 
 def running_batch(seed, num_systems=3, per_system=4, system_len=70, question_len=9, max_decoded=5):
@@ -47,11 +47,7 @@ def test_step_equals_flat(seed, grouped, dtype):
     q = torch.randn(len(reqs), num_qo_heads, head_dim).to(dtype).to(DEVICE)
     step = build_decode_step(groups, seq_lens, pool_rows.to(DEVICE), req_to_token.to(DEVICE),
                              num_qo_heads, num_kv_heads, num_sms=4)
-    q_packed = q if step.perm is None else q.index_select(0, step.perm)
-    out = torch.full_like(q_packed, float("nan"))
-    run_packed_cascade(q_packed, k, v, step.plan, head_dim ** -0.5, out)
-    if step.perm is not None:
-        out = torch.empty_like(out).index_copy_(0, step.perm, out)
+    out = run_decode_step(step, q, k, v, head_dim ** -0.5)
     kv_indptr = torch.zeros(len(reqs) + 1, dtype=torch.int32)
     kv_indptr[1:] = seq_lens.cumsum(0)
     flat = torch.cat([req_to_token[r, :n] for r, n in zip(pool_rows.tolist(), seq_lens.tolist())])

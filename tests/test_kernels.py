@@ -3,7 +3,6 @@
 import pytest
 import torch
 from conftest import DEVICE, HAS_CUDA, TOL, gpu, rel_err
-
 from packinfer_sglang.kernels import packed_cascade_attention, plan_packed_cascade
 from packinfer_sglang.kernels.reference import packed_cascade_attention_ref
 

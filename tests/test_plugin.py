@@ -2,13 +2,13 @@
 
 from importlib.metadata import entry_points
 
+from packinfer_sglang.patches import batch_order, forward_batch
 from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
 from sglang.srt.mem_cache.registry import registered_radix_cache_backends
 from sglang.srt.plugins.hook_registry import HookRegistry
 from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES
 
 from packinfer_sglang import plugin
-from packinfer_sglang.patches import batch_order, forward_batch
 
 
 def test_entry_point_is_installed():
