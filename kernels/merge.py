@@ -45,7 +45,8 @@ def _merge_partials_kernel(
         acc = acc * alpha + w * o
         s_i = s_i * alpha + w
         m_i = m_new
-    tl.store(Out + tok * stride_ot + head * stride_oh + offs_d, (acc / s_i).to(Out.dtype.element_ty), mask=mask_d)
+    o = tl.where(s_i > 0, acc / tl.maximum(s_i, 1e-30), 0.0)  # a row without partials (padding) is 0
+    tl.store(Out + tok * stride_ot + head * stride_oh + offs_d, o.to(Out.dtype.element_ty), mask=mask_d)
     if STORE_LSE:
         tl.store(LSE_Out + tok * stride_lt + head, (m_i + tl.log2(s_i)) * 0.6931471805599453)
 
@@ -62,7 +63,7 @@ def merge_partials(
     Args:
         o_partial: ``[num_partials, num_qo_heads, head_dim]`` float32.
         lse_partial: ``[num_partials, num_qo_heads]`` float32, natural log.
-        merge_indptr: ``[num_tokens + 1]`` int32; every request needs at least one partial.
+        merge_indptr: ``[>= num_tokens + 1]`` int32; a row without partials is written as zeros.
         out: ``[num_tokens, num_qo_heads, head_dim]``, written in place (any float dtype).
         lse_out: ``[num_tokens, num_qo_heads]`` float32, written in place when given.
     """

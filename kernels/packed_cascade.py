@@ -94,8 +94,8 @@ def _attend_item(
 
 @triton.jit
 def _packed_attn_partial_kernel(
-    Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial,
-    num_prefix_items, sm_scale_log2,
+    Q, K_Buffer, V_Buffer, KV_Indices, Items, Counts, Merge_Indptr, O_Partial, LSE_Partial,
+    sm_scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_pr, stride_ph, stride_lr,
     GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -103,35 +103,42 @@ def _packed_attn_partial_kernel(
     DOT_FP32: tl.constexpr,
 ):
     """Prefix items (``PREFIX_BLOCK_M`` rows: a group's requests x GQA) then suffix items
-    (``SUFFIX_BLOCK_M`` rows: one request x GQA), all in one launch."""
-    item = tl.program_id(0)
+    (``SUFFIX_BLOCK_M`` rows: one request x GQA), all in one launch. ``Counts`` holds
+    ``(num_items, num_prefix_items)`` in device memory, so a CUDA graph captured with a fixed grid
+    replays any plan: program ``p`` runs items ``p, p + num_programs, ...``."""
     kv_head = tl.program_id(1)
-    if item < num_prefix_items:
-        _attend_item(Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial,
-                     item, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
-                     stride_vt, stride_vh, stride_pr, stride_ph, stride_lr,
-                     GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, BLOCK_N, DOT_FP32)
-    else:
-        _attend_item(Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial,
-                     item, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
-                     stride_vt, stride_vh, stride_pr, stride_ph, stride_lr,
-                     GQA, HEAD_DIM, BLOCK_D, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32)
+    num_items = tl.load(Counts)
+    num_prefix_items = tl.load(Counts + 1)
+    for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
+        if item < num_prefix_items:
+            _attend_item(Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial,
+                         item, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
+                         stride_vt, stride_vh, stride_pr, stride_ph, stride_lr,
+                         GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, BLOCK_N, DOT_FP32)
+        else:
+            _attend_item(Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial,
+                         item, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
+                         stride_vt, stride_vh, stride_pr, stride_ph, stride_lr,
+                         GQA, HEAD_DIM, BLOCK_D, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32)
 
 
 class PackedCascadePlan(NamedTuple):
     """Device-side plan shared by all layers of one decode step.
 
-    ``kv_indices`` is ``cat(prefix_kv_indices, suffix_kv_indices)`` (int32); the item tables and
-    ``merge_indptr`` are int32 on the same device; see :mod:`.plan`.
+    ``kv_indices`` is ``cat(prefix_kv_indices, suffix_kv_indices)`` (int32); ``items``, ``counts``
+    and ``merge_indptr`` are int32 on the same device; see :mod:`.plan`. A plan in
+    :class:`StaticPlanBuffers` (CUDA graphs) has capacity-sized tensors and a fixed ``num_programs``.
     """
 
-    items: torch.Tensor  # [num_items, ITEM_FIELDS]: prefix items first, then suffix items
-    num_prefix_items: int
-    merge_indptr: torch.Tensor  # [num_tokens + 1]
+    items: torch.Tensor  # [>= num_items, ITEM_FIELDS]: prefix items first, then suffix items
+    counts: torch.Tensor  # [2]: num_items, num_prefix_items (read by the kernel)
+    merge_indptr: torch.Tensor  # [>= num_tokens + 1]; rows past the batch have no partials
     kv_indices: torch.Tensor  # [total prefix + suffix slots]
-    num_partials: int
+    num_items: int  # host copy of counts[0]
+    num_partials: int  # rows of the float32 partial buffers (a capacity in static plans)
     prefix_block_m: int
     suffix_block_m: int
+    num_programs: int | None = None  # grid size along items; None: one program per item
 
 
 def num_sms_of(device: torch.device) -> int:
@@ -153,19 +160,64 @@ def suffix_block_m_for(gqa_group_size: int) -> int:
     return max(16, triton.next_power_of_2(gqa_group_size))
 
 
+def _host_table(work: WorkPlan, merge_len: int | None = None) -> np.ndarray:
+    """``[num_items, num_prefix_items, *merge_indptr, *items]`` as one int32 array; ``merge_indptr``
+    is padded with its last value to ``merge_len`` entries (rows without partials)."""
+    both = np.concatenate([work.prefix_items, work.suffix_items]).reshape(-1)
+    merge = work.merge_indptr
+    if merge_len is not None:
+        merge = np.concatenate([merge, np.full(merge_len - len(merge), merge[-1], dtype=merge.dtype)])
+    counts = np.array([len(both) // ITEM_FIELDS, len(work.prefix_items)])
+    return np.concatenate([counts, merge, both]).astype(np.int32)
+
+
 def make_plan(
     work: WorkPlan, kv_indices: torch.Tensor, gqa_group_size: int, prefix_block_m: int = PREFIX_BLOCK_M
 ) -> PackedCascadePlan:
-    """Copies a host :class:`WorkPlan` next to ``kv_indices`` (its device) as a :class:`PackedCascadePlan`."""
-    dev = kv_indices.device
-    both = np.concatenate([work.prefix_items, work.suffix_items]).reshape(-1, ITEM_FIELDS)
-    flat = host_to_device(torch.from_numpy(np.concatenate([both.reshape(-1), work.merge_indptr])), dev)
-    n_p, n_items = len(work.prefix_items), len(both)
-    items = flat[: n_items * ITEM_FIELDS].view(n_items, ITEM_FIELDS)
+    """Copies a host :class:`WorkPlan` next to ``kv_indices`` (its device) as a :class:`PackedCascadePlan`
+    (one host-to-device copy)."""
+    flat = host_to_device(torch.from_numpy(_host_table(work)), kv_indices.device)
+    n_items, n_merge = int(flat.shape[0] - 2 - len(work.merge_indptr)) // ITEM_FIELDS, len(work.merge_indptr)
     return PackedCascadePlan(
-        items, n_p, flat[n_items * ITEM_FIELDS :], kv_indices, work.num_partials,
-        prefix_block_m, suffix_block_m_for(gqa_group_size),
+        flat[2 + n_merge :].view(n_items, ITEM_FIELDS), flat[:2], flat[2 : 2 + n_merge], kv_indices,
+        n_items, work.num_partials, prefix_block_m, suffix_block_m_for(gqa_group_size),
     )
+
+
+class StaticPlanBuffers:
+    """Fixed-address plan tensors for CUDA graphs: a graph captured over them replays any plan
+    written later by :meth:`write` (nothing is planned inside capture).
+
+    Args:
+        max_tokens: most decode requests of a batch (``merge_indptr`` holds ``max_tokens + 1``).
+        max_items: capacity of the item table; plans must respect it (``plan_work(max_items=...)``).
+        max_kv_tokens: capacity of ``kv_indices`` in slots.
+        device: where the buffers live.
+    """
+
+    def __init__(self, max_tokens: int, max_items: int, max_kv_tokens: int, device: torch.device):
+        self.max_tokens, self.max_items = max_tokens, max_items
+        self.flat = torch.zeros(2 + max_tokens + 1 + max_items * ITEM_FIELDS, dtype=torch.int32, device=device)
+        self.counts = self.flat[:2]
+        self.merge_indptr = self.flat[2 : 3 + max_tokens]
+        self.items = self.flat[3 + max_tokens :].view(max_items, ITEM_FIELDS)
+        self.kv_indices = torch.zeros(max(1, max_kv_tokens), dtype=torch.int32, device=device)
+
+    def write(self, work: WorkPlan, gqa_group_size: int, num_programs: int, num_partials: int,
+              prefix_block_m: int = PREFIX_BLOCK_M) -> PackedCascadePlan:
+        """Copies ``work`` into the buffers (asynchronously on the current stream) and returns the plan
+        that reads them. Raises ``ValueError`` when ``work`` exceeds a capacity."""
+        n_items = len(work.prefix_items) + len(work.suffix_items)
+        n_tokens = len(work.merge_indptr) - 1
+        if n_items > self.max_items or n_tokens > self.max_tokens or work.num_partials > num_partials:
+            raise ValueError(f"plan of {n_items} items, {n_tokens} tokens, {work.num_partials} partials "
+                             f"exceeds capacity {self.max_items} items, {self.max_tokens} tokens, {num_partials} partials")
+        host = torch.from_numpy(_host_table(work, self.max_tokens + 1))
+        if self.flat.device.type == "cuda":
+            host = host.pin_memory()
+        self.flat[: host.numel()].copy_(host, non_blocking=True)
+        return PackedCascadePlan(self.items, self.counts, self.merge_indptr, self.kv_indices, n_items,
+                                 num_partials, prefix_block_m, suffix_block_m_for(gqa_group_size), num_programs)
 
 
 def plan_packed_cascade(
@@ -202,16 +254,19 @@ def run_packed_cascade(
     lse: torch.Tensor | None = None,
 ) -> None:
     """Runs a planned step for one layer, writing ``out`` (and ``lse``) in place. Inputs unchecked:
-    :func:`packed_cascade_attention` validates them."""
+    :func:`packed_cascade_attention` validates them. Rows of ``out`` past the plan's requests (padding
+    of a CUDA-graph batch) are written with zeros. Allocates no host memory and never synchronizes,
+    so it can be captured in a CUDA graph."""
     num_tokens, num_qo_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
     gqa = num_qo_heads // num_kv_heads
     o_partial = torch.empty(plan.num_partials, num_qo_heads, head_dim, dtype=torch.float32, device=q.device)
     lse_partial = torch.empty(plan.num_partials, num_qo_heads, dtype=torch.float32, device=q.device)
-    if len(plan.items):
-        _packed_attn_partial_kernel[(len(plan.items), num_kv_heads)](
-            q, k_buffer, v_buffer, plan.kv_indices, plan.items, plan.merge_indptr, o_partial, lse_partial,
-            plan.num_prefix_items, sm_scale * 1.4426950408889634,
+    num_programs = plan.num_items if plan.num_programs is None else plan.num_programs
+    if num_programs:
+        _packed_attn_partial_kernel[(num_programs, num_kv_heads)](
+            q, k_buffer, v_buffer, plan.kv_indices, plan.items, plan.counts, plan.merge_indptr,
+            o_partial, lse_partial, sm_scale * 1.4426950408889634,
             q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
             v_buffer.stride(0), v_buffer.stride(1),
             o_partial.stride(0), o_partial.stride(1), lse_partial.stride(0),

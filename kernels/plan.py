@@ -80,6 +80,8 @@ def plan_work(
     prefix_chunk: int | None = None,
     suffix_chunk: int | None = None,
     kv_align: int = 64,
+    max_items: int | None = None,
+    max_partials: int | None = None,
 ) -> WorkPlan:
     """Splits a grouped decode batch into prefix and suffix work items (see module docstring).
 
@@ -95,13 +97,34 @@ def plan_work(
         num_sms, waves: the chunk lengths aim at ``num_sms * waves`` programs per launch.
         prefix_chunk, suffix_chunk: fixed KV chunk lengths in tokens (``None``: chosen as above).
         kv_align: chunk lengths are multiples of this (the kernel's ``BLOCK_N``).
+        max_items, max_partials: capacities (CUDA-graph buffers); chunks are doubled until the
+            plan fits. Every request needs at least one partial and one item per row block.
 
     Returns:
         A :class:`WorkPlan` of int32 numpy arrays.
 
     Raises:
-        ValueError: on malformed CSR arrays or a request with no KV at all (empty prefix and suffix).
+        ValueError: on malformed CSR arrays, a request with no KV at all (empty prefix and suffix),
+            or capacities too small for one chunk per span.
     """
+    args = (group_indptr, prefix_kv_indptr, suffix_kv_indptr, gqa_group_size, num_kv_heads, prefix_block_m,
+            num_sms * waves, kv_align)
+    work = _plan_once(*args, prefix_chunk, suffix_chunk)
+    while (max_items is not None and len(work.prefix_items) + len(work.suffix_items) > max_items) or (
+            max_partials is not None and work.num_partials > max_partials):
+        if work.prefix_chunk >= _MAX_CHUNK and work.suffix_chunk >= _MAX_CHUNK:
+            raise ValueError(f"no plan fits {max_items} items and {max_partials} partials "
+                             f"({len(work.merge_indptr) - 1} requests)")
+        work = _plan_once(*args, min(2 * work.prefix_chunk, _MAX_CHUNK), min(2 * work.suffix_chunk, _MAX_CHUNK))
+    return work
+
+
+_MAX_CHUNK = 1 << 30
+
+
+def _plan_once(group_indptr, prefix_kv_indptr, suffix_kv_indptr, gqa_group_size, num_kv_heads, prefix_block_m,
+               target_ctas, kv_align, prefix_chunk, suffix_chunk) -> WorkPlan:
+    """:func:`plan_work` for given (or automatic, ``None``) chunk lengths."""
     gi = np.asarray(group_indptr, dtype=np.int64)
     pi = np.asarray(prefix_kv_indptr, dtype=np.int64)
     si = np.asarray(suffix_kv_indptr, dtype=np.int64)
@@ -129,7 +152,7 @@ def plan_work(
     span_qo_start = gi[span_group] + span_block * tokens_per_block
     span_qo_len = np.minimum(tokens_per_block, gi[span_group + 1] - span_qo_start)
     if prefix_chunk is None:
-        prefix_chunk = _chunk_len(int((prefix_lens * blocks).sum()), num_kv_heads, num_sms * waves,
+        prefix_chunk = _chunk_len(int((prefix_lens * blocks).sum()), num_kv_heads, target_ctas,
                                   lo=2 * kv_align, align=kv_align)
     prefix_items = _items(span_qo_start, span_qo_len, pi[span_group], prefix_lens[span_group],
                           prefix_chunk, np.zeros_like(span_group))
@@ -137,7 +160,7 @@ def plan_work(
     # Suffix spans: one per request with a non-empty suffix; slots follow its group's prefix chunks.
     n_prefix_chunks = np.where(has_prefix, _ceil_div(prefix_lens, prefix_chunk), 0)[token_group]
     if suffix_chunk is None:
-        suffix_chunk = _chunk_len(int(suffix_lens.sum()), num_kv_heads, num_sms * waves,
+        suffix_chunk = _chunk_len(int(suffix_lens.sum()), num_kv_heads, target_ctas,
                                   lo=kv_align, align=kv_align)
     tok = np.flatnonzero(suffix_lens > 0)
     suffix_items = _items(tok, np.ones_like(tok), int(pi[-1]) + si[tok], suffix_lens[tok],

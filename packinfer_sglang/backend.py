@@ -1,14 +1,20 @@
 """``--attention-backend packinfer``: SGLang's Triton backend with packed cascade decode.
 
-Decode batches whose groups arrive from the radix cache (``forward_batch.packinfer_groups``, set by
+Decode batches whose groups arrive from the radix cache (handed over by
 :mod:`packinfer_sglang.patches.forward_batch`) run the packed kernel; a decode batch without groups
-still runs it, every request its own group. Everything else — extend, mixed, speculative, CUDA
-graph capture/replay, layers with logit capping, sliding windows, sinks or score mods — is
-SGLang's ``TritonAttnBackend``, which this class extends.
+still runs it, every request its own group. Everything else — extend, mixed, speculative, layers
+with logit capping, sliding windows, sinks or score mods — is SGLang's ``TritonAttnBackend``, which
+this class extends.
+
+Decode CUDA graphs: the graphs capture the packed kernels over fixed-address buffers
+(:class:`~packinfer_sglang.decode_step.GraphBuffers`) and a fixed grid; before every replay,
+``init_forward_metadata_out_graph`` plans the step on the host and writes the buffers (nothing is
+planned inside capture). Padded rows of a graph batch get no work and come out zero.
 
 Verification mode (``PACKINFER_VERIFY=1``) also runs SGLang's Triton decode for every layer of
-every packed step and raises ``RuntimeError`` when the two differ by more than
-``PACKINFER_VERIFY_RTOL`` (relative L2).
+a packed step and raises ``RuntimeError`` when the two differ by more than ``PACKINFER_VERIFY_RTOL``
+(relative L2). Eager steps are checked at once (one in ``PACKINFER_VERIFY_EVERY``); graph replays
+are all checked, the errors written on the device and read before the next step.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
 from .config import get_config
-from .decode_step import DecodeStep, build_decode_step, run_decode_step
+from .decode_step import DecodeStep, GraphBuffers, build_decode_step, run_decode_step
 from .grouping import ungrouped
 from .kernels.checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 from .kernels.packed_cascade import num_sms_of
@@ -43,22 +49,21 @@ class PackInferAttnBackend(TritonAttnBackend):
         self._warned_no_cache = False
         self._max_err = 0.0
         self._checked = 0
+        self._graph: GraphBuffers | None = None
+        self._graph_errs = self._graph_rows = None  # verification inside graphs
+        self._in_graph = False  # whether self._step writes the graph buffers
+        self._errs_pending = False  # a replay wrote errors not yet checked
+        self._graph_layers: set[int] = set()  # layers whose errors the captured graphs write
 
     # -- metadata -------------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch):
-        self._step, self._batch, self._triton_ready = None, forward_batch, True
+        self._check_graph_errors()
+        self._step, self._batch, self._triton_ready, self._in_graph = None, forward_batch, True, False
         mode = forward_batch.forward_mode
         if (mode.is_decode() and forward_batch.spec_info is None and forward_batch.batch_size > 0
                 and forward_batch.seq_lens_cpu is not None):  # host lengths plan the step without a sync
-            cache = current_cache()
-            if cache is None and not self._warned_no_cache:
-                self._warned_no_cache = True
-                logger.warning("packinfer: no packinfer radix cache, so decode runs ungrouped; "
-                               "add --radix-cache-backend packinfer")
-            groups = cache.take_decode_groups(forward_batch.seq_lens_cpu) if cache is not None else None
-            self._grouped_by_tree = groups is not None and len(groups.order) == forward_batch.batch_size
-            if not self._grouped_by_tree:
-                groups = ungrouped(forward_batch.batch_size)
+            groups = self._take_groups(forward_batch.seq_lens_cpu, forward_batch.batch_size)
+            groups = groups or ungrouped(forward_batch.batch_size)
             self._step = build_decode_step(
                 groups, forward_batch.seq_lens_cpu, forward_batch.req_pool_indices, self.req_to_token,
                 self.num_head, self.num_kv_head, self.num_sms,
@@ -69,9 +74,49 @@ class PackInferAttnBackend(TritonAttnBackend):
                 return
         super().init_forward_metadata(forward_batch)
 
+    def init_cuda_graph_state(self, max_bs, max_num_tokens, *args, **kwargs):
+        super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
+        dev = torch.device(self.device)
+        self._graph = GraphBuffers(max_num_tokens, self.max_context_len, self.num_kv_head, self.num_sms, dev)
+        if self.config.verify:
+            self._graph_errs = torch.zeros(_MAX_LAYERS, dtype=torch.float32, device=dev)
+            self._graph_rows = torch.zeros(max_num_tokens, 1, dtype=torch.float32, device=dev)
+
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
-        self._step, self._triton_ready = None, True  # graphs replay SGLang's Triton decode
-        return super().init_forward_metadata_out_graph(forward_batch, in_capture)
+        """Capture: plans the capture batch into the graph buffers, so the graph records packed decode.
+        Replay: plans this step's groups into the same buffers."""
+        super().init_forward_metadata_out_graph(forward_batch, in_capture)  # Triton's, for fallback layers
+        self._check_graph_errors()
+        self._step, self._triton_ready, self._in_graph = None, True, False
+        mode = forward_batch.forward_mode
+        if self._graph is None or not mode.is_decode() or forward_batch.spec_info is not None:
+            return
+        bs = forward_batch.batch_size
+        raw_bs = bs - (getattr(forward_batch, "num_padding", 0) or 0)
+        seq_lens_cpu = forward_batch.seq_lens_cpu
+        if seq_lens_cpu is None:
+            seq_lens_cpu = forward_batch.seq_lens[:bs].cpu()
+        groups = None if in_capture else self._take_groups(seq_lens_cpu, raw_bs)
+        self._step = build_decode_step(
+            groups or ungrouped(raw_bs), seq_lens_cpu, forward_batch.req_pool_indices, self.req_to_token,
+            self.num_head, self.num_kv_head, self.num_sms, graph=self._graph, padded_bs=bs,
+        )
+        self._in_graph = True
+        if self._graph_rows is not None:
+            self._graph_rows[:bs].copy_((torch.arange(bs) < raw_bs).float()[:, None], non_blocking=True)
+            self._errs_pending = not in_capture
+        if not in_capture:
+            self._log_step(raw_bs)
+
+    def _take_groups(self, seq_lens_cpu, batch_size):
+        cache = current_cache()
+        if cache is None and not self._warned_no_cache:
+            self._warned_no_cache = True
+            logger.warning("packinfer: no packinfer radix cache, so decode runs ungrouped; "
+                           "add --radix-cache-backend packinfer")
+        groups = cache.take_decode_groups(seq_lens_cpu[:batch_size]) if cache is not None else None
+        self._grouped_by_tree = groups is not None and len(groups.order) == batch_size
+        return groups if self._grouped_by_tree else None
 
     # -- decode ---------------------------------------------------------------------------
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
@@ -83,7 +128,10 @@ class PackInferAttnBackend(TritonAttnBackend):
         if save_kv_cache:
             self.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
         out = self._packed_decode(q, layer)
-        if self._verify_this_step():
+        if self._in_graph and self._graph_errs is not None:
+            ref = super().forward_decode(q, k, v, layer, forward_batch, False, **kwargs)
+            self._record_graph_err(out, ref, layer)
+        elif not self._in_graph and self._verify_this_step():
             ref = super().forward_decode(q, k, v, layer, forward_batch, False, **kwargs)
             self._check(out, ref, layer)
         return out
@@ -101,16 +149,36 @@ class PackInferAttnBackend(TritonAttnBackend):
 
     def _check(self, out, ref, layer):
         ref32 = ref.float()
-        err = ((out.float() - ref32).norm() / ref32.norm().clamp_min(1e-30)).item()
+        self._count_err(((out.float() - ref32).norm() / ref32.norm().clamp_min(1e-30)).item(), layer.layer_id)
+
+    def _count_err(self, err: float, layer_id: int):
         self._checked += 1
         self._max_err = max(self._max_err, err)
         if not err <= self.config.verify_rtol:  # NaN fails too
-            g = self._step.groups
+            g = self._step.groups if self._step is not None else None
+            where = f"batch {len(g.order)}, {g.num_groups} groups, prefix lens {g.prefix_lens[:8].tolist()}" if g else ""
             raise RuntimeError(
-                f"packinfer verify failed: layer {layer.layer_id}, decode step {self._num_steps}: relative "
-                f"error {err:.3e} > {self.config.verify_rtol:.1e} (batch {len(g.order)}, {g.num_groups} groups, "
-                f"prefix lens {g.prefix_lens[:8].tolist()})"
+                f"packinfer verify failed: layer {layer_id}, decode step {self._num_steps}"
+                f"{' (CUDA graph)' if self._graph_errs is not None else ''}: relative error {err:.3e} > "
+                f"{self.config.verify_rtol:.1e} ({where})"
             )
+
+    def _record_graph_err(self, out, ref, layer):
+        """Relative error of the real rows, written on the device (capturable; no host sync)."""
+        rows = self._graph_rows[: out.shape[0]]
+        ref32 = ref.float() * rows
+        err = ((out.float() * rows - ref32).norm() / ref32.norm().clamp_min(1e-30)).reshape(1)
+        self._graph_errs[layer.layer_id : layer.layer_id + 1].copy_(err)
+        self._graph_layers.add(layer.layer_id)
+
+    def _check_graph_errors(self):
+        """Checks the errors the last graph replay wrote (verification mode only; synchronizes)."""
+        if not self._errs_pending:
+            return
+        self._errs_pending = False
+        errs = self._graph_errs.cpu()
+        for layer_id in sorted(self._graph_layers):
+            self._count_err(float(errs[layer_id]), layer_id)
 
     def _log_step(self, batch_size):
         self._num_steps += 1
@@ -121,6 +189,9 @@ class PackInferAttnBackend(TritonAttnBackend):
             logger.info("packinfer: decode step %d, batch %d, %s%d groups (largest %d), prefix tokens saved %d%s",
                         self._num_steps, batch_size, "" if self._grouped_by_tree else "no tree groups: ", g.num_groups, int(max(1, (g.group_indptr[1:] - g.group_indptr[:-1]).max())),
                         g.shared_token_reads_saved, verified)
+
+
+_MAX_LAYERS = 1024  # entries of the verification error buffer, indexed by layer_id
 
 
 def _layer_supported(layer, kwargs) -> bool:

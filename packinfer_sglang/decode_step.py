@@ -22,7 +22,7 @@ import torch
 
 from .grouping import DecodeGroups
 from .kernels import PackedCascadePlan, gather_kv_indices, make_plan, plan_work, run_packed_cascade
-from .kernels.packed_cascade import BLOCK_N, PREFIX_BLOCK_M, host_to_device
+from .kernels.packed_cascade import BLOCK_N, PREFIX_BLOCK_M, StaticPlanBuffers, host_to_device
 
 
 class DecodeStep(NamedTuple):
@@ -56,6 +56,45 @@ def _indptr(lens: np.ndarray) -> np.ndarray:
     return out
 
 
+class GraphBuffers:
+    """Fixed-address metadata for packed decode inside SGLang's decode CUDA graphs.
+
+    One set serves every captured batch size (one graph replays at a time): the plan tables and
+    ``kv_indices`` (:class:`StaticPlanBuffers`), the row permutation, and a fixed grid of
+    ``num_programs`` x ``num_kv_heads`` programs that loop over however many items a step has.
+    Partial states get ``PARTIALS_PER_REQUEST`` rows per (padded) request; plans are coarsened to fit.
+    """
+
+    PARTIALS_PER_REQUEST = 16
+    WAVES = 2
+
+    def __init__(self, max_bs: int, max_context_len: int, num_kv_heads: int, num_sms: int,
+                 device: torch.device):
+        self.max_bs = max_bs
+        self.plan = StaticPlanBuffers(max_bs, 8 * (max_bs + num_sms), max_bs * max_context_len, device)
+        self.perm = torch.arange(max_bs, dtype=torch.int64, device=device)
+        self.num_programs = max(1, num_sms * self.WAVES // num_kv_heads)
+
+    def num_partials(self, padded_bs: int) -> int:
+        return padded_bs * self.PARTIALS_PER_REQUEST
+
+
+def _segments(groups: DecodeGroups, prefix: np.ndarray, suffix: np.ndarray):
+    """Host table of the gather's segments: ``[pool row positions in the batch | position starts |
+    kv_indptr]`` (one per group prefix, then one per request suffix), int32; and the prefix/suffix
+    CSR offsets."""
+    order, gi = groups.order, groups.group_indptr
+    prefix_indptr, suffix_indptr = _indptr(prefix), _indptr(suffix)
+    first = order[gi[:-1].astype(np.int64)]
+    num_groups = len(prefix)
+    seg = np.concatenate([
+        np.concatenate([first, order]),  # batch rows
+        np.concatenate([np.zeros(num_groups, np.int64), prefix[np.repeat(np.arange(num_groups), np.diff(gi))]]),
+        np.concatenate([prefix_indptr, prefix_indptr[-1] + suffix_indptr[1:]]),
+    ]).astype(np.int32)
+    return seg, prefix_indptr, suffix_indptr
+
+
 def build_decode_step(
     groups: DecodeGroups,
     seq_lens_cpu: torch.Tensor,
@@ -64,41 +103,52 @@ def build_decode_step(
     num_qo_heads: int,
     num_kv_heads: int,
     num_sms: int,
+    graph: GraphBuffers | None = None,
+    padded_bs: int | None = None,
 ) -> DecodeStep:
     """Builds a step's plan.
 
     Args:
         groups: grouping of the batch (rows in batch order), see :mod:`.grouping`.
         seq_lens_cpu: ``[num_tokens]`` request lengths in tokens, including the decoded token (host).
-        req_pool_indices: ``[num_tokens]`` rows of ``req_to_token`` (device).
+        req_pool_indices: ``[>= num_tokens]`` rows of ``req_to_token`` (device).
         req_to_token: ``[num_req_slots, max_context_len]`` int32 position→slot table (device).
         num_qo_heads, num_kv_heads: attention heads of this rank.
         num_sms: multiprocessors, for the chunk sizes of the work plan.
+        graph: write the plan into these CUDA-graph buffers instead of fresh tensors; then
+            ``padded_bs`` (>= ``num_tokens``) is the captured batch size whose extra rows are padding.
+
+    Raises:
+        ValueError: when the batch exceeds the graph buffers' capacity.
     """
     dev = req_pool_indices.device
-    prefix, suffix, _ = _host_lengths(groups, seq_lens_cpu.numpy())
-    order, gi = groups.order, groups.group_indptr
-    prefix_indptr, suffix_indptr = _indptr(prefix), _indptr(suffix)
-    first = order[gi[:-1].astype(np.int64)]
-    num_groups = len(prefix)
-    # Segments: one per group prefix, then one per request suffix.
-    seg = np.concatenate([
-        np.concatenate([first, order]),  # batch rows
-        np.concatenate([np.zeros(num_groups, np.int64), prefix[np.repeat(np.arange(num_groups), np.diff(gi))]]),
-        np.concatenate([prefix_indptr, prefix_indptr[-1] + suffix_indptr[1:]]),
-    ]).astype(np.int32)
+    num_tokens = len(groups.order)
+    prefix, suffix, _ = _host_lengths(groups, seq_lens_cpu[:num_tokens].numpy())
+    seg, prefix_indptr, suffix_indptr = _segments(groups, prefix, suffix)
     seg_dev = _to_device(seg, dev)
-    n_seg = len(first) + len(order)
+    n_seg = len(prefix) + num_tokens
     pool_rows = req_pool_indices.index_select(0, seg_dev[:n_seg].long())
-    kv_indices = torch.empty(max(int(seg[-1]), 1), dtype=torch.int32, device=dev)
+    if graph is None:
+        kv_indices = torch.empty(max(int(seg[-1]), 1), dtype=torch.int32, device=dev)
+    elif int(seg[-1]) > graph.plan.kv_indices.numel():
+        raise ValueError(f"{int(seg[-1])} KV slots exceed the graph buffer's {graph.plan.kv_indices.numel()}")
+    else:
+        kv_indices = graph.plan.kv_indices
     gather_kv_indices(req_to_token, pool_rows, seg_dev[n_seg : 2 * n_seg], seg_dev[2 * n_seg :], kv_indices)
 
     gqa = num_qo_heads // num_kv_heads
-    work = plan_work(gi, prefix_indptr, suffix_indptr, gqa_group_size=gqa, num_kv_heads=num_kv_heads,
-                     prefix_block_m=PREFIX_BLOCK_M, num_sms=num_sms, kv_align=BLOCK_N)
-    plan = make_plan(work, kv_indices, gqa)
-    perm = None if groups.is_identity else _to_device(order, dev)
-    return DecodeStep(plan, perm, groups)
+    limits = {} if graph is None else dict(max_items=graph.plan.max_items, max_partials=graph.num_partials(padded_bs))
+    work = plan_work(groups.group_indptr, prefix_indptr, suffix_indptr, gqa_group_size=gqa,
+                     num_kv_heads=num_kv_heads, prefix_block_m=PREFIX_BLOCK_M, num_sms=num_sms,
+                     kv_align=BLOCK_N, **limits)
+    if graph is None:
+        perm = None if groups.is_identity else _to_device(groups.order, dev)
+        return DecodeStep(make_plan(work, kv_indices, gqa), perm, groups)
+    plan = graph.plan.write(work, gqa, graph.num_programs, graph.num_partials(padded_bs))
+    perm = np.arange(padded_bs, dtype=np.int64)
+    perm[:num_tokens] = groups.order
+    graph.perm[:padded_bs].copy_(_to_device(perm, dev), non_blocking=True)
+    return DecodeStep(plan, graph.perm[:padded_bs], groups)
 
 
 def run_decode_step(step: DecodeStep, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,

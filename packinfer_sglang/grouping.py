@@ -10,8 +10,11 @@ A grouping is a cut of the tree: each request joins the group of at most one anc
 cut is found by a bottom-up dynamic program over the nodes on the requests' paths:
 
     best(n) = max(own(n), sum(best(c) for c in children(n)))
-    own(n)  = (count(n) - 1) * depth(n)   if depth(n) >= min_prefix_tokens and count(n) >= min_group_size
-              0                           otherwise
+    own(n)  = net(count(n), depth(n))   if depth(n) >= min_prefix_tokens and count(n) >= min_group_size
+              0                         otherwise
+
+where ``net`` is the saving in KV tokens net of what packing adds (:mod:`.cost_model`; without a
+cost model, the plain ``(count - 1) * depth``); a node is taken only when ``own(n) > 0``.
 
 Requests of no group form groups of one with an empty prefix (their whole context is suffix).
 Complexity: O(sum of path lengths in nodes), pure Python on the host, once per decode step.
@@ -24,6 +27,8 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
+
+from .cost_model import PackingCost
 
 
 class DecodeGroups(NamedTuple):
@@ -76,7 +81,8 @@ def _paths(nodes):
 
 
 def form_groups(
-    nodes: Sequence, seq_lens: Sequence[int], min_prefix_tokens: int, min_group_size: int
+    nodes: Sequence, seq_lens: Sequence[int], min_prefix_tokens: int, min_group_size: int,
+    cost: PackingCost | None = None,
 ) -> DecodeGroups:
     """Forms decode groups (see module docstring).
 
@@ -85,6 +91,8 @@ def form_groups(
         seq_lens: per request, its current length in tokens including the token being decoded; a
             group's prefix is clamped to ``min(seq_len) - 1`` so every request keeps a suffix.
         min_prefix_tokens, min_group_size: a node is a candidate group only above both.
+        cost: the gate; a candidate is taken only when packing it saves bytes net (``None``: any
+            shared prefix counts as saving).
 
     Returns:
         :class:`DecodeGroups`; groups are ordered by their first request's batch row, members in
@@ -109,8 +117,8 @@ def form_groups(
     for nid in sorted(by_id, key=lambda k: -depth[k]):  # children before parents
         below = sum(best[c] for c in children[nid])
         ok = depth[nid] >= min_prefix_tokens and count[nid] >= min_group_size
-        own = (count[nid] - 1) * depth[nid] if ok else -1
-        take[nid] = own > below
+        own = (cost.net_saving_tokens(count[nid], depth[nid]) if cost else (count[nid] - 1) * depth[nid]) if ok else 0
+        take[nid] = own > 0 and own > below
         best[nid] = max(own, below)
 
     groups: list[tuple[list[int], int]] = []

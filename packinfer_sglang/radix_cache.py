@@ -19,6 +19,7 @@ import torch
 from sglang.srt.mem_cache.radix_cache import RadixCache
 
 from .config import get_config
+from .cost_model import PackingCost
 from .grouping import DecodeGroups, form_groups
 
 logger = logging.getLogger(__name__)
@@ -44,16 +45,17 @@ class PackInferRadixCache(RadixCache):
         self._no_group_logs = 0
         self._offered = None
 
-    def decode_groups(self, reqs, seq_lens) -> DecodeGroups:
+    def decode_groups(self, reqs, seq_lens, cost: PackingCost | None = None) -> DecodeGroups:
         """Groups of a decode batch (rows in ``reqs`` order); recomputed when the requests, their
         order or their tree nodes change (SGLang moves ``last_node`` from the admission-time match to
         the whole prompt once prefill results are processed, which the overlap scheduler does after
-        the first decode step is planned). ``seq_lens``: per request, tokens incl. the decoded one."""
+        the first decode step is planned). ``seq_lens``: per request, tokens incl. the decoded one;
+        ``cost``: the model's :class:`PackingCost` gate (see :mod:`.cost_model`)."""
         key = tuple((r.rid, id(r.last_node)) for r in reqs)
         if key != self._groups_key:
             cfg = self.packinfer_config
             self._groups = form_groups([r.last_node for r in reqs], seq_lens, cfg.min_prefix_tokens,
-                                       cfg.min_group_size)
+                                       cfg.min_group_size, cost)
             self._groups_key = key
             if self._groups.num_groups == len(reqs) > 1 and self._no_group_logs < 3:
                 self._no_group_logs += 1

@@ -23,11 +23,29 @@ def _warn_once(reason: str) -> None:
         logger.warning("packinfer: decode batch without groups: %s", reason)
 
 
+def _packing_cost(model_runner):
+    """The gate's attention shape, computed once per model runner (``None`` if it cannot be read)."""
+    from packinfer_sglang.cost_model import PackingCost
+
+    if model_runner is None:
+        return None
+    cost = getattr(model_runner, "_packinfer_cost", False)
+    if cost is False:
+        try:
+            cost = PackingCost.of_model_runner(model_runner)
+        except Exception as e:  # an unusual model config: fall back to the plain saving
+            logger.warning("packinfer: cost model unavailable (%s); grouping by shared tokens alone", e)
+            cost = None
+        model_runner._packinfer_cost = cost
+    return cost
+
+
 def attach_decode_groups(forward_batch, *args, **kwargs):
     """``HookType.AFTER`` hook: ``(result, cls, batch, model_runner, ...)``."""
     from packinfer_sglang.radix_cache import PackInferRadixCache, current_cache
 
     batch = args[1] if len(args) > 1 else kwargs.get("batch")
+    model_runner = args[2] if len(args) > 2 else kwargs.get("model_runner")
     if batch is None or not batch.forward_mode.is_decode() or batch.spec_info is not None:
         return forward_batch
     tree = getattr(batch, "tree_cache", None)
@@ -38,5 +56,6 @@ def attach_decode_groups(forward_batch, *args, **kwargs):
     if len(batch.reqs) != forward_batch.batch_size:
         _warn_once(f"{len(batch.reqs)} requests for batch size {forward_batch.batch_size}")
     else:
-        tree.offer_decode_groups(batch.seq_lens_cpu, tree.decode_groups(batch.reqs, batch.seq_lens_cpu))
+        tree.offer_decode_groups(batch.seq_lens_cpu,
+                                 tree.decode_groups(batch.reqs, batch.seq_lens_cpu, _packing_cost(model_runner)))
     return forward_batch

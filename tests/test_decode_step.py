@@ -10,7 +10,7 @@ from packinfer_sglang.kernels import gather_kv_indices
 from packinfer_sglang.kernels.reference import flat_decode_attention_ref, gather_kv_indices_ref
 from workload import admit, new_cache, shared_prefix_prompts
 
-from packinfer_sglang.decode_step import build_decode_step, run_decode_step
+from packinfer_sglang.decode_step import GraphBuffers, build_decode_step, run_decode_step
 from packinfer_sglang.grouping import ungrouped
 
 
@@ -33,6 +33,18 @@ def running_batch(seed, num_systems=3, per_system=4, system_len=70, question_len
     return cache, reqs, req_to_token, pool_rows, seq_lens, next_slot
 
 
+def flat_reference(q, k, v, req_to_token, pool_rows, seq_lens):
+    kv_indptr = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
+    kv_indptr[1:] = seq_lens.cumsum(0)
+    flat = torch.cat([req_to_token[r, :n] for r, n in zip(pool_rows.tolist(), seq_lens.tolist())])
+    return flat_decode_attention_ref(q, k, v, kv_indptr, flat.to(DEVICE), q.shape[-1] ** -0.5)[0]
+
+
+def random_kv(num_slots, num_kv_heads, head_dim, dtype):
+    return (torch.randn(num_slots, num_kv_heads, head_dim).to(dtype).to(DEVICE),
+            torch.randn(num_slots, num_kv_heads, head_dim).to(dtype).to(DEVICE))
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("grouped", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -42,18 +54,52 @@ def test_step_equals_flat(seed, grouped, dtype):
     if grouped:
         assert groups.num_groups == 3 and not groups.is_identity  # shuffled batch: rows get permuted
     num_qo_heads, num_kv_heads, head_dim = 8, 2, 64
-    k = torch.randn(num_slots, num_kv_heads, head_dim).to(dtype).to(DEVICE)
-    v = torch.randn(num_slots, num_kv_heads, head_dim).to(dtype).to(DEVICE)
+    k, v = random_kv(num_slots, num_kv_heads, head_dim, dtype)
     q = torch.randn(len(reqs), num_qo_heads, head_dim).to(dtype).to(DEVICE)
     step = build_decode_step(groups, seq_lens, pool_rows.to(DEVICE), req_to_token.to(DEVICE),
                              num_qo_heads, num_kv_heads, num_sms=4)
     out = run_decode_step(step, q, k, v, head_dim ** -0.5)
-    kv_indptr = torch.zeros(len(reqs) + 1, dtype=torch.int32)
-    kv_indptr[1:] = seq_lens.cumsum(0)
-    flat = torch.cat([req_to_token[r, :n] for r, n in zip(pool_rows.tolist(), seq_lens.tolist())])
-    ref, _ = flat_decode_attention_ref(q, k, v, kv_indptr, flat.to(DEVICE), head_dim ** -0.5)
     assert torch.isfinite(out).all()
-    assert rel_err(out, ref) < TOL[dtype]
+    assert rel_err(out, flat_reference(q, k, v, req_to_token, pool_rows, seq_lens)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("padding", [0, 3])
+def test_graph_buffers_replay_any_plan(padding):
+    """One set of CUDA-graph buffers, a fixed grid, two different batches written in turn (as capture
+    then replay would): each equals flat attention, padded rows come out zero."""
+    num_qo_heads, num_kv_heads, head_dim, dtype = 8, 2, 64, torch.float16
+    graph = GraphBuffers(max_bs=16, max_context_len=128, num_kv_heads=num_kv_heads, num_sms=4, device=DEVICE)
+    for seed, grouped in [(4, False), (5, True)]:
+        cache, reqs, req_to_token, pool_rows, seq_lens, num_slots = running_batch(seed, num_systems=2, per_system=3)
+        groups = cache.decode_groups(reqs, seq_lens.tolist()) if grouped else ungrouped(len(reqs))
+        padded_bs = len(reqs) + padding
+        rows = torch.cat([pool_rows, torch.zeros(padding, dtype=pool_rows.dtype)])
+        k, v = random_kv(num_slots, num_kv_heads, head_dim, dtype)
+        q = torch.randn(padded_bs, num_qo_heads, head_dim).to(dtype).to(DEVICE)
+        step = build_decode_step(groups, seq_lens, rows.to(DEVICE), req_to_token.to(DEVICE), num_qo_heads,
+                                 num_kv_heads, num_sms=4, graph=graph, padded_bs=padded_bs)
+        assert step.plan.num_programs == graph.num_programs and step.plan.items is graph.plan.items
+        out = run_decode_step(step, q, k, v, head_dim ** -0.5)
+        ref = flat_reference(q[: len(reqs)], k, v, req_to_token, pool_rows, seq_lens)
+        assert rel_err(out[: len(reqs)], ref) < TOL[dtype]
+        assert (out[len(reqs):] == 0).all()
+
+
+def test_graph_plan_is_coarsened_to_capacity():
+    """A batch whose natural plan needs more partials than the buffers hold still fits, exactly."""
+    cache, reqs, req_to_token, pool_rows, seq_lens, num_slots = running_batch(6)
+    graph = GraphBuffers(max_bs=len(reqs), max_context_len=128, num_kv_heads=2, num_sms=64, device=DEVICE)
+    graph.PARTIALS_PER_REQUEST = 1
+    natural = build_decode_step(ungrouped(len(reqs)), seq_lens, pool_rows.to(DEVICE), req_to_token.to(DEVICE),
+                                8, 2, num_sms=64)
+    assert natural.plan.num_partials > len(reqs)
+    step = build_decode_step(ungrouped(len(reqs)), seq_lens, pool_rows.to(DEVICE), req_to_token.to(DEVICE),
+                             8, 2, num_sms=64, graph=graph, padded_bs=len(reqs))
+    assert int(step.plan.merge_indptr[len(reqs)]) == len(reqs)
+    k, v = random_kv(num_slots, 2, 64, torch.float16)
+    q = torch.randn(len(reqs), 8, 64).to(torch.float16).to(DEVICE)
+    out = run_decode_step(step, q, k, v, 64 ** -0.5)
+    assert rel_err(out, flat_reference(q, k, v, req_to_token, pool_rows, seq_lens)) < TOL[torch.float16]
 
 
 def test_gather_kv_indices_matches_reference():
