@@ -65,7 +65,9 @@ class PackingCost:
     @classmethod
     def of_model_runner(cls, model_runner) -> PackingCost:
         """The shape of this rank's attention from an SGLang ``ModelRunner``."""
-        mc, tp = model_runner.model_config, max(1, model_runner.tp_size)
+        mc = model_runner.model_config
+        tp = getattr(getattr(model_runner, "ps", None), "tp_size", None) or model_runner.server_args.tp_size
+        tp = max(1, int(tp))
         num_kv = max(1, mc.get_num_kv_heads(tp))
         num_qo = max(num_kv, mc.num_attention_heads // tp)
         dtype = getattr(model_runner, "kv_cache_dtype", None)
