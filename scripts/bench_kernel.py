@@ -228,7 +228,8 @@ def main(argv=None) -> int:
     rates = measure_rates(device) if timed else kc.ANCHOR_RATES
     meta = {**environment(device), "bandwidth": rates[0], "matmul_rate": rates[1],
             "rates_source": "measured in this run" if timed else "ANCHORS.md's, not measured",
-            "grid": mode, "rep_ms": rep_ms, "impls": impls, "estimate_s": round(estimate_s)}
+            "grid": mode, "cases_filter": args.cases, "rep_ms": rep_ms, "impls": impls,
+            "estimate_s": round(estimate_s)}
     print(kr.report_header(meta), flush=True)
     rows, (cases_iter, write) = [], _progress(cases, timed)
     for case in cases_iter:
@@ -238,7 +239,9 @@ def main(argv=None) -> int:
             if res["status"] in ("wrong", "error"):
                 write(f"    {name} {res['status']}: {res.get('note')}")
     meta["wall_s"] = round(time.perf_counter() - start, 1)
-    kr.write_outputs(args.out_dir, kr.output_stem(meta["gpu"], mode), meta, rows)
+    cases_tag = "".join(c if c.isalnum() or c in ".-" else "-" for c in args.cases or "")
+    tag = f"{mode}_{cases_tag.strip('-')}" if cases_tag else mode  # a filtered run keeps its own files
+    kr.write_outputs(args.out_dir, kr.output_stem(meta["gpu"], tag), meta, rows)
     print(f"\n{kr.report_header(meta)}\n\n{kr.render_table(rows)}\n\n{kr.render_targets(rows)}\n"
           f"wall {meta['wall_s'] / 60:.1f} min" + (f" (estimated {estimate_s / 60:.1f})" if timed else ""))
     return 0 if all(r["impls"]["ours"]["status"] == "ok" for r in rows if "ours" in r["impls"]) else 1
