@@ -231,6 +231,9 @@ def main(argv=None) -> int:
             "grid": mode, "cases_filter": args.cases, "rep_ms": rep_ms, "impls": impls,
             "estimate_s": round(estimate_s)}
     print(kr.report_header(meta), flush=True)
+    cases_tag = "".join(c if c.isalnum() or c in ".-" else "-" for c in args.cases or "")
+    tag = f"{mode}_{cases_tag.strip('-')}" if cases_tag else mode  # a filtered run keeps its own files
+    stem = kr.output_stem(meta["gpu"], tag)
     rows, (cases_iter, write) = [], _progress(cases, timed)
     for case in cases_iter:
         rows.append(run_case(case, kern, device, rates, rep_ms if timed else None, impls, args.seed))
@@ -238,10 +241,10 @@ def main(argv=None) -> int:
         for name, res in rows[-1]["impls"].items():
             if res["status"] in ("wrong", "error"):
                 write(f"    {name} {res['status']}: {res.get('note')}")
+        if timed:  # a run cut short keeps what it measured
+            kr.write_outputs(args.out_dir, stem, {**meta, "partial": True}, rows, plot=False)
     meta["wall_s"] = round(time.perf_counter() - start, 1)
-    cases_tag = "".join(c if c.isalnum() or c in ".-" else "-" for c in args.cases or "")
-    tag = f"{mode}_{cases_tag.strip('-')}" if cases_tag else mode  # a filtered run keeps its own files
-    kr.write_outputs(args.out_dir, kr.output_stem(meta["gpu"], tag), meta, rows)
+    kr.write_outputs(args.out_dir, stem, meta, rows)
     print(f"\n{kr.report_header(meta)}\n\n{kr.render_table(rows)}\n\n{kr.render_targets(rows)}\n"
           f"wall {meta['wall_s'] / 60:.1f} min" + (f" (estimated {estimate_s / 60:.1f})" if timed else ""))
     return 0 if all(r["impls"]["ours"]["status"] == "ok" for r in rows if "ours" in r["impls"]) else 1

@@ -203,14 +203,16 @@ def output_stem(gpu: str, mode: str) -> str:
     return f"kernel_{slug}_{mode}"
 
 
-def write_outputs(out_dir: Path, stem: str, meta: dict, rows: list[dict]) -> Path:
-    """``{stem}.json`` (meta and rows), ``{stem}.md`` (header, table, targets), ``{stem}.png`` (plot;
-    skipped with a message when matplotlib is missing). Returns the JSON path."""
+def write_outputs(out_dir: Path, stem: str, meta: dict, rows: list[dict], plot: bool = True) -> Path:
+    """``{stem}.json`` (meta and rows), ``{stem}.md`` (header, table, targets), ``{stem}.png`` (plot,
+    when ``plot``; skipped with a message when matplotlib is missing). Returns the JSON path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{stem}.json"
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     path.with_suffix(".md").write_text(f"# Decode attention, one layer\n\n{report_header(meta)}\n\n"
                                        f"{render_table(rows)}\n\n{render_targets(rows)}\n")
+    if not plot:
+        return path
     try:
         write_plot(path.with_suffix(".png"), meta, rows)
     except Exception as e:  # no matplotlib is not worth a failed run
