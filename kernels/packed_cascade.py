@@ -252,11 +252,16 @@ def run_packed_cascade(
     sm_scale: float,
     out: torch.Tensor,
     lse: torch.Tensor | None = None,
+    *,
+    block_n: int = BLOCK_N,
+    num_warps: int | None = None,
+    num_stages: int = 2,
 ) -> None:
     """Runs a planned step for one layer, writing ``out`` (and ``lse``) in place. Inputs unchecked:
     :func:`packed_cascade_attention` validates them. Rows of ``out`` past the plan's requests (padding
     of a CUDA-graph batch) are written with zeros. Allocates no host memory and never synchronizes,
-    so it can be captured in a CUDA graph."""
+    so it can be captured in a CUDA graph. ``block_n`` (KV tokens per inner step), ``num_warps``
+    (default: 4 for tiles up to 64 x 128, else 8) and ``num_stages`` are launch tuning only."""
     num_tokens, num_qo_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
     gqa = num_qo_heads // num_kv_heads
@@ -271,9 +276,9 @@ def run_packed_cascade(
             v_buffer.stride(0), v_buffer.stride(1),
             o_partial.stride(0), o_partial.stride(1), lse_partial.stride(0),
             GQA=gqa, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-            PREFIX_BLOCK_M=plan.prefix_block_m, SUFFIX_BLOCK_M=plan.suffix_block_m, BLOCK_N=BLOCK_N,
+            PREFIX_BLOCK_M=plan.prefix_block_m, SUFFIX_BLOCK_M=plan.suffix_block_m, BLOCK_N=block_n,
             DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16,
-            num_warps=4 if plan.prefix_block_m * head_dim <= 64 * 128 else 8, num_stages=2,
+            num_warps=num_warps or (4 if plan.prefix_block_m * head_dim <= 64 * 128 else 8), num_stages=num_stages,
         )
     merge_partials(o_partial, lse_partial, plan.merge_indptr, out, lse)
 
