@@ -43,9 +43,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the serving_* modules beside this file
 
-import serving_procs as procs  # noqa: E402
-import serving_report as report  # noqa: E402
-import serving_workloads as wl  # noqa: E402
+import serving_procs as procs
+import serving_report as report
+import serving_workloads as wl
 
 PACKINFER = report.PACKINFER
 WARMUP_SEED_OFFSET = 1000
@@ -357,11 +357,11 @@ def prepare_inputs(args: argparse.Namespace, units: list[Unit]) -> None:
 
 
 def print_summary(args: argparse.Namespace, units: list[Unit]) -> None:
-    """The merged report's tables of this run's workloads, and where the files are."""
+    """The merged report's tables of this run's workloads (all without ``units``), and where the files are."""
     tables, files = report.merge_reports(args.out_dir, args.report_name, args.baselines)
-    names = {u.name for u in units}
+    names = {u.name for u in units}  # none (--merge-only): every table
     for t in tables:
-        if t["workload_name"] in names and t["mode"] == args.mode:
+        if not names or (t["workload_name"] in names and t["mode"] == args.mode):
             print(f"\n## {t['workload_name']} ({t['mode']}): {t['description']}\n")
             print(report.render_table(t["rows"]))
     print("\nwrote " + ", ".join(str(f) for f in files), flush=True)

@@ -198,8 +198,8 @@ def render_markdown(tables: list[dict], title: str = "Serving benchmark") -> str
     lines = [f"# {title}", "", f"- GPU: {'; '.join(gpus) or '-'}",
              *[f"- versions: {v}" for v in versions],
              f"- dates: {dates[0]} to {dates[-1]}" if dates else "- dates: -",
-             "- vs best base: output throughput / the best baseline's (every backend but packinfer)"
-             " in the same table", ""]
+             ("- vs best base: output throughput / the best baseline's (every backend but packinfer)"
+              " in the same table"), ""]
     for t in tables:
         best = t.get("best_baseline") or "none"
         lines += [f"## {t['workload_name']} ({t['mode']})", "", f"{t['description']}; best baseline: {best}",
