@@ -178,6 +178,7 @@ def build_tables(records: list[dict], baselines: tuple[str, ...] | None = None) 
         table = tables.setdefault(key, {k: rec[k] for k in ("workload_name", "mode", "workload", "description")}
                                   | {"rows": []})
         table["rows"].append({"backend": rec["backend"], **rec["row"], "seed": rec.get("seed"),
+                              "request_rate": rec.get("request_rate"), "model_dir": rec.get("model_dir"),
                               "commands": rec.get("commands"), "environment": rec.get("environment")})
     order = {name: i for i, name in enumerate(WORKLOAD_ORDER)}
     result = sorted(tables.values(), key=lambda t: (order.get(t["workload_name"], len(order)),
@@ -188,18 +189,24 @@ def build_tables(records: list[dict], baselines: tuple[str, ...] | None = None) 
     return result
 
 
-def render_markdown(tables: list[dict], title: str = "Serving benchmark") -> str:
+def render_markdown(tables: list[dict], title: str = "Serving benchmark",
+                    baselines: tuple[str, ...] | None = None) -> str:
     """The report: environment lines (every GPU, version set and date seen), then per workload a
     heading, its description and its table."""
     envs = [r["environment"] for t in tables for r in t["rows"] if r.get("environment")]
     gpus = sorted({str(e.get("gpu")) for e in envs})
     versions = sorted({", ".join(f"{k} {v}" for k, v in e["versions"].items() if v) for e in envs})
     dates = sorted(e["date"] for e in envs)
+    rows = [r for t in tables for r in t["rows"]]
+    rates = ", ".join(sorted({str(r.get("request_rate")) for r in rows}))
+    models = ", ".join(sorted({str(r.get("model_dir")) for r in rows}))
     lines = [f"# {title}", "", f"- GPU: {'; '.join(gpus) or '-'}",
              *[f"- versions: {v}" for v in versions],
              f"- dates: {dates[0]} to {dates[-1]}" if dates else "- dates: -",
-             ("- vs best base: output throughput / the best baseline's (every backend but packinfer)"
-              " in the same table"), ""]
+             (f"- vs best base: output throughput / the best baseline's in the same table (baselines:"
+              f" {', '.join(baselines) if baselines else 'every backend but packinfer'})"),
+             f"- model: {models} (--load-format dummy); request rate (requests/s; inf: all at time 0): {rates}",
+             ""]
     for t in tables:
         best = t.get("best_baseline") or "none"
         lines += [f"## {t['workload_name']} ({t['mode']})", "", f"{t['description']}; best baseline: {best}",
@@ -248,7 +255,7 @@ def merge_reports(out_dir: Path, name: str = "serving", baselines: tuple[str, ..
               "baselines": list(baselines) if baselines else "every backend but packinfer",
               "tables": tables}
     json_path.write_text(json.dumps(report, indent=1) + "\n")
-    md_path.write_text(render_markdown(tables))
+    md_path.write_text(render_markdown(tables, baselines=baselines))
     written = [json_path, md_path]
     try:
         if tables:
