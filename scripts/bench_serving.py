@@ -221,6 +221,7 @@ def run_units(args, ctx: dict, bp: BackendPlan, units: list[Unit], clock: Clock,
     for i, unit in enumerate(units):
         if not clock.fits(wl.estimate_seconds(unit.workload)):
             clock.say(bp.backend, f"deadline: skipping {', '.join(u.name for u in units[i:])}")
+            ctx["skipped"] += [f"{bp.backend}/{u.name}" for u in units[i:]]
             break
         if not runner.alive():  # a client timeout stopped it
             runner = procs.ClientRunner(ctx["runner_argv"], CLIENT_ENV, ctx["client_log"])
@@ -255,6 +256,7 @@ def run_backend(args, ctx: dict, bp: BackendPlan, units: list[Unit], clock: Cloc
     try:
         state, waited = procs.wait_for_health(proc, bp.port, args.server_timeout, bp.backend)
         ctx["server_start_s"] = round(waited, 1)
+        ctx["start_times"].append(waited)
         clock.say(bp.backend, f"server {state} after {waited:.0f} s")
         if state == "ready":
             records = run_units(args, ctx, bp, units, clock, proc, runner)
@@ -311,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip servers and workloads whose estimate would end past this many seconds after"
                    f" start (default with --quick: {QUICK_DEADLINE_S:.0f})")
     p.add_argument("--start-estimate-s", type=float, default=150.0,
-                   help="expected seconds of one server start (plan estimate and --deadline-s)")
+                   help="expected seconds of one server start (plan estimate; --deadline-s uses it until a"
+                   " server has started, then the slowest start measured)")
     p.add_argument("--verify", action="store_true", help="set PACKINFER_VERIFY=1 for the packinfer server")
     p.add_argument("--packinfer-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment variable for the packinfer server (repeatable)")
@@ -393,14 +396,19 @@ def main(argv: list[str] | None = None) -> None:
     (args.out_dir / "logs").mkdir(parents=True, exist_ok=True)
     (args.out_dir / "results").mkdir(parents=True, exist_ok=True)
     prepare_inputs(args, units)
-    clock, ctx = Clock(args.deadline_s), {"environment": report.environment()}
+    clock = Clock(args.deadline_s)
+    ctx = {"environment": report.environment(), "start_times": [], "skipped": []}
     for bp in plans:
-        first = wl.estimate_seconds(units[0].workload) if units else 0.0
-        if not clock.fits(args.start_estimate_s + first):
+        start_s = max(ctx["start_times"], default=args.start_estimate_s)  # measured ones once there are
+        if not clock.fits(start_s + args.stop_grace + (wl.estimate_seconds(units[0].workload) if units else 0)):
             clock.say(bp.backend, "deadline: server not started")
+            ctx["skipped"] += [f"{bp.backend}/{u.name}" for u in units]
             continue
         run_backend(args, ctx, bp, units, clock)
     print_summary(args, units)
+    if ctx["skipped"]:
+        print(f"skipped for the deadline (run them in another invocation into {args.out_dir}): "
+              + ", ".join(ctx["skipped"]), flush=True)
 
 
 if __name__ == "__main__":

@@ -685,4 +685,6 @@ def test_quick_plan_fits_nine_minutes_and_deadline_skips(tiny, tmp_path, capsys)
     assert 3 * (120 + args.stop_grace) + work < 9 * 60  # with 2-minute server starts
     # Past the deadline nothing starts and nothing is written.
     bench.main(["--model-dir", str(tiny), "--out-dir", str(tmp_path), "--deadline-s", "1", "--python", "false"])
-    assert "deadline: server not started" in capsys.readouterr().out and not (tmp_path / "rows").exists()
+    text = capsys.readouterr().out
+    assert "deadline: server not started" in text and not (tmp_path / "rows").exists()
+    assert "skipped for the deadline" in text and "flashinfer/no-sharing" in text
