@@ -1,26 +1,32 @@
-"""End-to-end serving benchmark: one SGLang server per attention backend, SGLang's own client.
+"""End-to-end serving benchmark: one SGLang server per attention backend, every workload against it.
 
-For each backend in ``--backends`` this starts ``python -m sglang.launch_server`` on a weightless
-model directory (``--load-format dummy``; see ``scripts/make_model_dir.py``), waits for
-``/health``, runs ``python -m sglang.benchmark.serving --dataset-name generated-shared-prefix``
-against it with every request sent at time 0, stops the server (SIGTERM to its process group, then
-SIGKILL) and reads the client's JSONL result into one row. A server that dies or never becomes
-healthy is reported (exit code, last log lines) and the next backend runs.
+For each backend in ``--backends`` (``NAME`` or ``NAME:eager``, the latter with decode CUDA graphs
+off) this starts ``python -m sglang.launch_server`` once on a weightless model directory
+(``--load-format dummy``; ``scripts/make_model_dir.py``), waits for ``/health`` and starts one client
+runner (``serving_client.py``). Then, for each workload of ``--workloads`` in turn:
 
-Workload (``--workload``; every field can be overridden by its flag): ``num_groups`` groups of
-``prompts_per_group`` prompts; each prompt is a group's system prompt (``system_prompt_len``
-tokens, shared) followed by its own question (``question_len`` tokens); each request generates
-exactly ``output_len`` tokens (EOS ignored). Prompt tokens sent:
-``num_groups * prompts_per_group * (system_prompt_len + question_len)``, of which
-``num_groups * system_prompt_len`` are distinct prefix tokens.
+1. ``POST /flush_cache``; a warmup pass of the same shape, small and with another seed (seed +
+   ``WARMUP_SEED_OFFSET``; not measured), sent straight to ``/generate`` so that one-time JIT
+   compilation does not land in the measured TTFT; ``POST /flush_cache`` again;
+2. the measured run: SGLang's ``sglang.benchmark.serving`` (or, for parallel sampling,
+   ``serving_parallel.py``) with ``--seed`` and every request at time 0;
+3. its row (output throughput, TTFT, ITL, end-to-end latency: median and p99; the ``packinfer:``
+   lines and any Traceback of the server log written meanwhile) into
+   ``<out-dir>/rows/<workload>.<mode>.<backend>.json``, and the report rebuilt from every row file.
 
-Outputs under ``--out-dir``: ``serving_<workload>.json`` (environment, exact commands, rows),
-``serving_<workload>.md`` (the table), per backend ``server_<workload>_<backend>.log``,
-``client_<workload>_<backend>.log`` and ``.jsonl``. Runs on a GPU host only; ``--dry-run`` prints
+The server is then stopped (SIGTERM to its process group, SIGKILL after ``--stop-grace`` seconds).
+A server that dies or never becomes healthy is reported (exit code, last log lines) and the next
+backend runs. Workloads and their sizes: ``serving_workloads.py``; ``--quick`` picks the small sizes.
+
+Reports (``serving_report.py``): ``<out-dir>/<report-name>.json`` (environment, exact commands,
+rows), ``.md`` (one table per workload, each backend a row with its ratio to the best baseline) and
+``.png``; logs under ``<out-dir>/logs``. Runs of separate invocations into one ``--out-dir`` merge
+(``--merge-only`` rebuilds the report alone), so a full run can be split by backend or workload;
+``--deadline-s`` skips what would not finish in time. GPU host only; ``--dry-run`` prints the plan and
 the commands anywhere.
 
     python scripts/make_model_dir.py --shape llama-3-8b --out out/models/llama-3-8b
-    python scripts/bench_serving.py --model-dir out/models/llama-3-8b --workload anchors
+    python scripts/bench_serving.py --model-dir out/models/llama-3-8b --quick
 """
 
 from __future__ import annotations
@@ -28,513 +34,303 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 import time
 import traceback
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 
-HOST = "127.0.0.1"  # never anything else
-PACKINFER = "packinfer"
-LOG_TAIL_LINES = 30  # server log lines kept in a row when the server fails
-PACKINFER_LOG_LINES = 5  # last lines mentioning packinfer kept in a packinfer row
-VERSION_PACKAGES = ("torch", "triton", "sglang", "flashinfer-python", "transformers")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the serving_* modules beside this file
+
+import serving_procs as procs
+import serving_report as report
+import serving_workloads as wl
+
+PACKINFER = report.PACKINFER
+WARMUP_SEED_OFFSET = 1000
+QUICK_DEADLINE_S = 520.0  # --quick ends within 9 minutes: the GPU host's 10-minute call limit, less margin
+LOG_TAIL_LINES = 30  # log lines kept in a row when something fails
+CLIENT_ENV = {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 @dataclass(frozen=True)
-class Workload:
-    """A generated-shared-prefix workload; lengths in tokens."""
-
-    num_groups: int
-    prompts_per_group: int
-    system_prompt_len: int
-    question_len: int
-    output_len: int
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            if getattr(self, f.name) < 1:
-                raise ValueError(f"{f.name} must be >= 1, got {getattr(self, f.name)}")
-
-    @property
-    def num_requests(self) -> int:
-        return self.num_groups * self.prompts_per_group
-
-
-WORKLOADS = {
-    "anchors": Workload(num_groups=8, prompts_per_group=32, system_prompt_len=4096, question_len=64,
-                        output_len=1024),
-    "short": Workload(num_groups=8, prompts_per_group=32, system_prompt_len=4096, question_len=64,
-                      output_len=128),  # verification runs
-    "smoke": Workload(num_groups=2, prompts_per_group=4, system_prompt_len=256, question_len=16,
-                      output_len=16),
-}
-
-# Keys of the JSON line sglang.benchmark.serving appends to --output-file (its ``result`` dict);
-# times in milliseconds, throughputs in tokens (or requests) per second, duration in seconds.
-RESULT_KEYS = (
-    "completed", "duration", "total_input_tokens", "total_output_tokens", "request_throughput",
-    "output_throughput", "total_throughput", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms",
-    "p99_itl_ms", "median_e2e_latency_ms", "p99_e2e_latency_ms", "max_concurrent_requests",
-)
-
-# (header, row key, format) of the Markdown table.
-TABLE_COLUMNS = (
-    ("backend", "backend", "{}"), ("status", "status", "{}"), ("done", "completed", "{}"),
-    ("out tok/s", "output_throughput", "{:.1f}"), ("vs base", "throughput_vs_baseline", "{:.2f}x"),
-    ("TTFT p50 ms", "median_ttft_ms", "{:.1f}"), ("TTFT p99 ms", "p99_ttft_ms", "{:.1f}"),
-    ("ITL p50 ms", "median_itl_ms", "{:.2f}"), ("ITL p99 ms", "p99_itl_ms", "{:.2f}"),
-    ("E2E p50 ms", "median_e2e_latency_ms", "{:.0f}"), ("E2E p99 ms", "p99_e2e_latency_ms", "{:.0f}"),
-    ("traceback", "log_has_traceback", "{}"),
-)
-
-
-def resolve_workload(name: str, overrides: dict[str, int | None]) -> Workload:
-    """The preset ``name`` with every non-None entry of ``overrides`` replacing its field."""
-    if name not in WORKLOADS:
-        raise KeyError(f"unknown workload {name!r}; known: {sorted(WORKLOADS)}")
-    return dataclasses.replace(WORKLOADS[name], **{k: v for k, v in overrides.items() if v is not None})
-
-
-def split_extra_args(extra_args: str,
-                     forbidden: tuple[str, ...] = ("--host", "--port", "--base-url")) -> list[str]:
-    """shlex-split ``extra_args``; raises ``ValueError`` on flags that would move the server or the
-    client off ``HOST`` and the planned port."""
-    argv = shlex.split(extra_args)
-    bad = [a for a in argv if a.split("=")[0] in forbidden]
-    if bad:
-        raise ValueError(f"extra arguments may not set {bad}: this script chooses host and port")
-    return argv
-
-
-def server_argv(python: str, model_dir: Path, tokenizer: Path, backend: str, port: int,
-                extra_args: str = "") -> list[str]:
-    """argv of ``sglang.launch_server`` for one backend; ``extra_args`` is shlex-split and appended."""
-    argv = [
-        python, "-m", "sglang.launch_server", "--model-path", str(model_dir),
-        "--tokenizer-path", str(tokenizer), "--load-format", "dummy", "--attention-backend", backend,
-    ]
-    if backend == PACKINFER:
-        argv += ["--radix-cache-backend", PACKINFER]
-    argv += ["--port", str(port), "--host", HOST, "--cuda-graph-backend-prefill", "disabled"]
-    return argv + split_extra_args(extra_args)
-
-
-def server_env(backend: str, verify: bool, packinfer_env: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment variables added to the server's for ``backend`` (PACKINFER_* only for packinfer)."""
-    # Only our plugin: the GPU host's SGLang archive lacks the deps of SGLang's own smg plugins.
-    env = {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "SGLANG_PLUGINS": PACKINFER}
-    if backend == PACKINFER:
-        env["PACKINFER_VERIFY"] = "1" if verify else "0"
-        env.update(packinfer_env or {})
-    return env
-
-
-def client_argv(python: str, model_dir: Path, tokenizer: Path, port: int, workload: Workload, seed: int,
-                output_file: Path, request_rate: str = "inf", extra_args: str = "") -> list[str]:
-    """argv of ``sglang.benchmark.serving`` for ``workload``; ``request_rate`` "inf" sends all at time 0."""
-    w = workload
-    argv = [
-        python, "-m", "sglang.benchmark.serving", "--backend", "sglang", "--host", HOST, "--port", str(port),
-        "--model", str(model_dir), "--tokenizer", str(tokenizer), "--dataset-name", "generated-shared-prefix",
-        "--gsp-num-groups", str(w.num_groups), "--gsp-prompts-per-group", str(w.prompts_per_group),
-        "--gsp-system-prompt-len", str(w.system_prompt_len), "--gsp-question-len", str(w.question_len),
-        "--gsp-output-len", str(w.output_len), "--gsp-range-ratio", "1.0",
-        "--num-prompts", str(w.num_requests), "--request-rate", request_rate, "--seed", str(seed),
-        "--output-file", str(output_file), "--disable-tqdm",
-    ]
-    return argv + split_extra_args(extra_args)
-
-
-def parse_result_line(line: str, expected_requests: int | None = None) -> dict:
-    """Row fields (``RESULT_KEYS``) from one JSON line of the client; ``status`` "incomplete" when
-    fewer than ``expected_requests`` completed. Raises ``ValueError`` on malformed JSON."""
-    try:
-        result = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"client result is not JSON: {line[:200]!r}") from exc
-    row = {key: result.get(key) for key in RESULT_KEYS}
-    complete = expected_requests is None or (row["completed"] or 0) >= expected_requests
-    row["status"] = "ok" if complete else "incomplete"
-    return row
-
-
-def read_result_file(path: Path, expected_requests: int | None = None) -> dict:
-    """Row from the last line of the client's JSONL file (it appends); raises ``ValueError`` if empty."""
-    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    if not lines:
-        raise ValueError(f"no result line in {path}")
-    return parse_result_line(lines[-1], expected_requests)
-
-
-def scan_server_log(text: str, pattern: str = PACKINFER, last: int = PACKINFER_LOG_LINES) -> dict:
-    """``log_tail``: the last ``last`` lines containing ``pattern`` (case-insensitive, each cut to
-    400 characters); ``log_has_traceback``: whether ``Traceback`` occurs anywhere."""
-    hits = [line[:400] for line in text.splitlines() if pattern.lower() in line.lower()]
-    return {"log_tail": hits[-last:], "log_has_traceback": "Traceback" in text}
-
-
-def add_baseline_ratio(rows: list[dict], baseline: str) -> None:
-    """Set ``throughput_vs_baseline`` (output throughput / the baseline backend's) in place."""
-    base = next((r.get("output_throughput") for r in rows if r["backend"] == baseline), None)
-    for row in rows:
-        value = row.get("output_throughput")
-        row["throughput_vs_baseline"] = value / base if value and base else None
-
-
-def render_table(rows: list[dict]) -> str:
-    """Markdown table of ``rows``, one per backend; missing values shown as ``-``."""
-    def cell(row, key, fmt):
-        value = row.get(key)
-        return "-" if value is None else fmt.format(value)
-
-    lines = ["| " + " | ".join(h for h, _, _ in TABLE_COLUMNS) + " |",
-             "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(cell(row, key, fmt) for _, key, fmt in TABLE_COLUMNS) + " |")
-    return "\n".join(lines)
-
-
-def tail_lines(path: Path, n: int) -> list[str]:
-    """The last ``n`` lines of a text file (empty if it does not exist)."""
-    if not path.exists():
-        return []
-    return path.read_text(errors="replace").splitlines()[-n:]
-
-
-def expected_input_tokens(workload: Workload) -> int:
-    """Prompt tokens the client should count for ``workload`` (no BOS with our tokenizer)."""
-    return workload.num_requests * (workload.system_prompt_len + workload.question_len)
-
-
-def dataset_cache_files(workload: Workload, seed: int, home: Path | None = None) -> list[Path]:
-    """Cached prompt pickles sglang.benchmark would reuse for ``workload`` and ``seed`` (any tokenizer
-    class). A pickle written with another tokenizer gives prompts of other token lengths."""
-    w = workload
-    cache_dir = (home or Path.home()) / ".cache" / "sglang" / "benchmark"
-    stem = (f"gen_shared_prefix_{seed}_{w.num_groups}_{w.prompts_per_group}_{w.system_prompt_len}_"
-            f"{w.question_len}_{w.output_len}_")
-    return sorted(cache_dir.glob(stem + "*.pkl")) if cache_dir.is_dir() else []
-
-
-# ---------------------------------------------------------------------------------------------
-# Processes (GPU host only)
-# ---------------------------------------------------------------------------------------------
-
-
-def port_in_use(port: int) -> bool:
-    """Whether something already listens on ``HOST:port``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((HOST, port)) == 0
-
-
-def start_process(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    """Start ``argv`` in a new process group (pgid == pid), stdout and stderr to ``log_path``."""
-    with open(log_path, "w") as log:
-        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
-                                start_new_session=True)
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes of process group ``pgid``, read from /proc (Linux)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:  # the process exited meanwhile
-            continue
-        state, _ppid, pgrp = text[text.rindex(")") + 2:].split()[:3]
-        if int(pgrp) == pgid and state not in ("Z", "X"):
-            members.append(int(stat.parent.name))
-    return members
-
-
-def stop_process_group(proc: subprocess.Popen, grace_s: float = 30.0) -> int | None:
-    """SIGTERM ``proc``'s process group, wait up to ``grace_s`` seconds, then SIGKILL what is left;
-    returns the leader's exit code. The server's scheduler and detokenizer are in the group."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:  # nothing left in the group, zombies included
-            pass
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            if proc.poll() is not None and not group_members(proc.pid):
-                return proc.returncode
-            time.sleep(0.2)
-    return proc.poll()
-
-
-def http_ok(url: str, timeout_s: float = 5.0) -> bool:
-    """Whether GET ``url`` answers 200."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            return response.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return False
-
-
-def wait_for_health(proc: subprocess.Popen, port: int, timeout_s: float, label: str,
-                    poll_s: float = 1.0, report_every_s: float = 15.0) -> tuple[str, float]:
-    """Poll ``/health`` until it answers 200 ("ready"), the server exits ("died") or ``timeout_s``
-    seconds pass ("timeout"); returns the state and the seconds waited."""
-    start = last_report = time.monotonic()
-    url = f"http://{HOST}:{port}/health"
-    while True:
-        elapsed = time.monotonic() - start
-        if proc.poll() is not None:
-            return "died", elapsed
-        if http_ok(url):
-            return "ready", elapsed
-        if elapsed > timeout_s:
-            return "timeout", elapsed
-        if time.monotonic() - last_report >= report_every_s:
-            print(f"[{label}] waiting for {url}: {elapsed:.0f} s", flush=True)
-            last_report = time.monotonic()
-        time.sleep(poll_s)
-
-
-def run_logged(argv: list[str], env: dict[str, str], log_path: Path, timeout_s: float) -> int | None:
-    """Run ``argv`` to completion with output to ``log_path``; None if killed after ``timeout_s`` s."""
-    proc = start_process(argv, env, log_path)
-    try:
-        return proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return None
-    finally:
-        if proc.poll() is None:
-            stop_process_group(proc, grace_s=10.0)
-
-
-@dataclass(frozen=True)
-class BackendRun:
-    """Everything one backend's run needs: commands, environment additions and file paths."""
+class BackendPlan:
+    """One server: its backend label, port, command and environment additions."""
 
     backend: str
     port: int
     server_argv: list[str]
     server_env: dict[str, str]
-    client_argv: list[str]
-    client_env: dict[str, str]
-    server_log: Path
-    client_log: Path
-    result_file: Path
-
-    def commands(self) -> dict:
-        """The exact commands, as recorded in the JSON output."""
-        return {"server": shlex.join(self.server_argv), "server_env": self.server_env,
-                "client": shlex.join(self.client_argv), "client_env": self.client_env}
 
 
-def plan_backend(args: argparse.Namespace, backend: str, port: int, workload: Workload,
-                 tokenizer: Path) -> BackendRun:
-    """The ``BackendRun`` for ``backend`` on ``port`` from the parsed flags. ``backend`` is an attention
-    backend name, or ``NAME:eager`` for the same with decode CUDA graphs off."""
-    name, _, variant = backend.partition(":")
-    if variant not in ("", "eager"):
-        raise SystemExit(f"--backends: unknown variant {variant!r} in {backend!r} (known: eager)")
-    extra = args.extra_server_args + (" --cuda-graph-backend-decode disabled" if variant == "eager" else "")
-    stem = f"{args.workload}_{backend.replace(':', '-')}"
-    result_file = args.out_dir / f"client_{stem}.jsonl"
-    return BackendRun(
-        backend=backend, port=port,
-        server_argv=server_argv(args.python, args.model_dir, tokenizer, name, port, extra),
-        server_env=server_env(name, args.verify, parse_env_pairs(args.packinfer_env)),
-        client_argv=client_argv(args.python, args.model_dir, tokenizer, port, workload, args.seed,
-                                result_file, args.request_rate, args.extra_client_args),
-        client_env={"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
-        server_log=args.out_dir / f"server_{stem}.log", client_log=args.out_dir / f"client_{stem}.log",
-        result_file=result_file,
-    )
+@dataclass(frozen=True)
+class Unit:
+    """One workload to run against every server, with its files."""
+
+    name: str
+    workload: wl.Workload
+    dataset_file: Path | None  # multi-level only
 
 
-def parse_env_pairs(pairs: list[str] | None) -> dict[str, str]:
-    """``["K=V", ...]`` -> ``{"K": "V"}``; raises ``ValueError`` on an entry without ``=``."""
-    env = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
-        env[key] = value
-    return env
+def plan_backends(args: argparse.Namespace, tokenizer: Path) -> list[BackendPlan]:
+    """A ``BackendPlan`` per ``--backends`` entry, on ports ``--port`` + i. Raises ``ValueError`` on an
+    unknown variant, bad extra arguments or a bad ``--packinfer-env``."""
+    plans = []
+    for i, backend in enumerate(b.strip() for b in args.backends.split(",") if b.strip()):
+        name, _, variant = backend.partition(":")
+        if variant not in ("", "eager"):
+            raise ValueError(f"--backends: unknown variant {variant!r} in {backend!r} (known: eager)")
+        extra = args.extra_server_args + (" --cuda-graph-backend-decode disabled" if variant else "")
+        plans.append(BackendPlan(backend, args.port + i,
+                                 procs.server_argv(args.python, args.model_dir, tokenizer, name, args.port + i, extra),
+                                 procs.server_env(name, args.verify, procs.parse_env_pairs(args.packinfer_env))))
+    if not plans:
+        raise ValueError("--backends names no backend")
+    return plans
 
 
-def measure(run: BackendRun, proc: subprocess.Popen, workload: Workload, client_timeout_s: float) -> dict:
-    """Run the client against the healthy server ``proc``; row fields from its result."""
-    run.result_file.unlink(missing_ok=True)  # the client appends
-    print(f"[{run.backend}] client: {shlex.join(run.client_argv)}", flush=True)
-    rc = run_logged(run.client_argv, run.client_env, run.client_log, client_timeout_s)
-    if rc != 0:
-        row = {"status": "client_timeout" if rc is None else "client_failed", "client_exit_code": rc,
-               "client_log_tail": tail_lines(run.client_log, LOG_TAIL_LINES)}
-        if proc.poll() is not None:
-            row.update(status="server_died", server_exit_code=proc.returncode,
-                       server_log_tail=tail_lines(run.server_log, LOG_TAIL_LINES))
-        return row
+def plan_units(args: argparse.Namespace) -> list[Unit]:
+    """The workloads of ``--workloads`` at ``--quick``/full size with the size flags applied."""
+    names = wl.ALL_WORKLOADS if args.workloads == "all" else [n.strip() for n in args.workloads.split(",")]
+    overrides = {f: getattr(args, f) for f in (*wl.SIZE_FIELDS, "range_ratio")}
+    units = []
+    for name in names:
+        w = wl.resolve_workload(name, args.mode, overrides)
+        dataset = (args.out_dir / "datasets" / f"{name}.{args.mode}.seed{args.seed}.jsonl"
+                   if w.kind == "multi-level" else None)
+        units.append(Unit(name, w, dataset))
+    return units
+
+
+def result_file(args: argparse.Namespace, unit: Unit, backend: str) -> Path:
+    """The client's JSONL output of one (workload, backend) run."""
+    return args.out_dir / "results" / f"{unit.name}.{args.mode}.{backend.replace(':', '-')}.jsonl"
+
+
+def unit_job(args: argparse.Namespace, unit: Unit, bp: BackendPlan) -> dict:
+    """The measured client job of ``unit`` against ``bp``'s server."""
+    return wl.client_job(unit.workload, model_dir=args.model_dir, tokenizer=args.tokenizer, port=bp.port,
+                         seed=args.seed, output_file=result_file(args, unit, bp.backend),
+                         dataset_file=unit.dataset_file, request_rate=args.request_rate,
+                         extra_args=procs.split_extra_args(args.extra_client_args))
+
+
+def commands(args: argparse.Namespace, unit: Unit, bp: BackendPlan) -> dict:
+    """The exact commands of one run, as recorded in its row file."""
+    warm = wl.warmup_workload(unit.workload)
+    return {"server": shlex.join(bp.server_argv), "server_env": bp.server_env,
+            "client": shlex.join(wl.job_command(args.python, unit_job(args, unit, bp))),
+            "client_env": CLIENT_ENV,
+            "warmup": f"POST /generate (input_ids, all at once): {warm.describe()};"
+                      f" seed {args.seed + WARMUP_SEED_OFFSET}"}
+
+
+def print_plan(args: argparse.Namespace, plans: list[BackendPlan], units: list[Unit]) -> float:
+    """Print what will run with a rough H100 time estimate; returns the estimate in seconds."""
+    per_backend = args.start_estimate_s + args.stop_grace + sum(wl.estimate_seconds(u.workload) for u in units)
+    total = per_backend * len(plans)
+    deadline = f"; deadline {args.deadline_s:.0f} s" if args.deadline_s is not None else ""
+    print(f"plan ({args.mode}): {len(plans)} server(s) x {len(units)} workload(s), about {total / 60:.1f} min"
+          f" (server start estimated at {args.start_estimate_s:.0f} s each{deadline})", flush=True)
+    for u in units:
+        print(f"  {u.name:18s} {u.workload.describe()}  ~{wl.estimate_seconds(u.workload):.0f} s", flush=True)
+    print("  backends: " + ", ".join(f"{p.backend} (port {p.port})" for p in plans), flush=True)
+    return total
+
+
+class Clock:
+    """Seconds since the driver started, for progress lines and ``--deadline-s``."""
+
+    def __init__(self, deadline_s: float | None):
+        self.t0, self.deadline_s = time.monotonic(), deadline_s
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def fits(self, seconds: float) -> bool:
+        """Whether ``seconds`` more work ends before the deadline (always, without one)."""
+        return self.deadline_s is None or self.elapsed() + seconds <= self.deadline_s
+
+    def say(self, label: str, text: str) -> None:
+        print(f"[{self.elapsed():6.0f} s] [{label}] {text}", flush=True)
+
+
+def measure(args, unit: Unit, bp: BackendPlan, runner: procs.ClientRunner, client_log: Path) -> dict:
+    """Flush, warm up, flush, run the measured client; the row fields of its result."""
+    w, row = unit.workload, {}
+    t = time.monotonic()
+    flushed = procs.flush_cache(bp.port)
+    warm = procs.send_all(bp.port, wl.warmup_bodies(w, args.seed + WARMUP_SEED_OFFSET, args.vocab_size),
+                          timeout_s=args.client_timeout)
+    row["warmup_failures"] = sum(status != 200 for status, _ in warm)
+    row["flush_ok"] = procs.flush_cache(bp.port) and flushed
+    row["warmup_s"] = round(time.monotonic() - t, 1)
+    out = result_file(args, unit, bp.backend)
+    out.unlink(missing_ok=True)  # the client appends
+    log_start, t = procs.file_size(client_log), time.monotonic()
+    status, error = runner.run(unit_job(args, unit, bp), args.client_timeout)
+    row["client_s"] = round(time.monotonic() - t, 1)
+    if status != "ok":
+        return {**row, "status": status, "error": error,
+                "client_log_tail": procs.tail_lines(client_log, LOG_TAIL_LINES, log_start)}
     try:
-        row = read_result_file(run.result_file, workload.num_requests)
+        row.update(report.read_result_file(out, w.num_requests))
     except ValueError as exc:
-        return {"status": "no_result", "error": str(exc),
-                "client_log_tail": tail_lines(run.client_log, LOG_TAIL_LINES)}
-    row["input_tokens_expected"] = expected_input_tokens(workload)
-    row["input_tokens_match"] = row.get("total_input_tokens") == row["input_tokens_expected"]
+        return {**row, "status": "no_result", "error": str(exc),
+                "client_log_tail": procs.tail_lines(client_log, LOG_TAIL_LINES, log_start)}
+    row["input_tokens_expected"] = wl.expected_input_tokens(w)
+    row["input_tokens_match"] = (None if row["input_tokens_expected"] is None
+                                 else row.get("total_input_tokens") == row["input_tokens_expected"])
     return row
 
 
-def run_backend(run: BackendRun, workload: Workload, server_timeout_s: float,
-                client_timeout_s: float) -> dict:
-    """Start the server, wait for health, measure, stop; one row, whatever happens."""
-    row = {"backend": run.backend, "port": run.port}
-    if port_in_use(run.port):
-        return {**row, "status": "port_busy", "error": f"{HOST}:{run.port} already in use"}
-    print(f"[{run.backend}] server: {shlex.join(run.server_argv)}", flush=True)
-    proc = start_process(run.server_argv, run.server_env, run.server_log)
-    log_before_stop = ""
+def run_unit(args, ctx: dict, unit: Unit, bp: BackendPlan, proc, runner) -> dict:
+    """One workload against a healthy server: its row, server log slice scanned, record written."""
+    log_start = procs.file_size(ctx["server_log"])
     try:
-        state, waited_s = wait_for_health(proc, run.port, server_timeout_s, run.backend)
-        row["server_start_s"] = round(waited_s, 1)
+        row = measure(args, unit, bp, runner, ctx["client_log"])
+    except Exception as exc:  # noqa: BLE001 -- a driver bug must not cost the other workloads
+        traceback.print_exc()
+        row = {"status": "driver_error", "error": repr(exc)}
+    if proc.poll() is not None:
+        row.update(status="server_died", server_exit_code=proc.returncode,
+                   server_log_tail=procs.tail_lines(ctx["server_log"], LOG_TAIL_LINES))
+    scan = report.scan_server_log(procs.read_from(ctx["server_log"], log_start))
+    row["log_has_traceback"] = scan["log_has_traceback"]
+    if bp.backend.partition(":")[0] == PACKINFER:
+        row["log_tail"] = scan["log_tail"]
+    row = {"port": bp.port, "server_start_s": ctx["server_start_s"], **row}
+    return write_record(args, ctx, unit, bp, row)
+
+
+def write_record(args, ctx: dict, unit: Unit, bp: BackendPlan, row: dict) -> dict:
+    """Write the record of one run (and rebuild the report); returns the record."""
+    record = {"workload_name": unit.name, "mode": args.mode, "workload": dataclasses.asdict(unit.workload),
+              "description": unit.workload.describe(), "backend": bp.backend, "seed": args.seed,
+              "request_rate": args.request_rate, "model_dir": str(args.model_dir),
+              "environment": ctx["environment"], "commands": commands(args, unit, bp), "row": row}
+    report.write_record(args.out_dir, record)
+    report.merge_reports(args.out_dir, args.report_name, args.baselines)
+    return record
+
+
+def run_units(args, ctx: dict, bp: BackendPlan, units: list[Unit], clock: Clock, proc, runner) -> list[dict]:
+    """Every unit that fits the deadline against the healthy server ``proc``; their records."""
+    records = []
+    for i, unit in enumerate(units):
+        if not clock.fits(wl.estimate_seconds(unit.workload)):
+            clock.say(bp.backend, f"deadline: skipping {', '.join(u.name for u in units[i:])}")
+            ctx["skipped"] += [f"{bp.backend}/{u.name}" for u in units[i:]]
+            break
+        if not runner.alive():  # a client timeout stopped it
+            runner = procs.ClientRunner(ctx["runner_argv"], CLIENT_ENV, ctx["client_log"])
+        clock.say(bp.backend, f"{unit.name} ({i + 1}/{len(units)}): {unit.workload.describe()}")
+        records.append(run_unit(args, ctx, unit, bp, proc, runner))
+        row = records[-1]["row"]
+        clock.say(bp.backend, f"{unit.name}: {row['status']}, output {row.get('output_throughput') or 0:.0f} tok/s"
+                              f" (warmup {row.get('warmup_s')} s, client {row.get('client_s')} s)")
+        if proc.poll() is not None:
+            break
+    runner.close()
+    return records
+
+
+def run_backend(args, ctx: dict, bp: BackendPlan, units: list[Unit], clock: Clock) -> None:
+    """Start ``bp``'s server (and the client runner, whose imports overlap the server start), run
+    every unit that fits the deadline, stop both; records written."""
+    stem = args.out_dir / "logs" / bp.backend.replace(":", "-")
+    ctx = {**ctx, "server_log": stem.with_name(f"server_{stem.name}.log"), "server_start_s": None,
+           "client_log": stem.with_name(f"client_{stem.name}.log"),
+           "runner_argv": [args.python, str(wl.SCRIPTS / "serving_client.py")]}
+    for log in (ctx["server_log"], ctx["client_log"]):
+        log.unlink(missing_ok=True)
+    if procs.port_in_use(bp.port):
+        for unit in units:
+            write_record(args, ctx, unit, bp, {"status": "port_busy", "port": bp.port})
+        return clock.say(bp.backend, f"port {bp.port} busy: skipped")
+    clock.say(bp.backend, f"starting server: {shlex.join(bp.server_argv)}")
+    proc = procs.start_process(bp.server_argv, bp.server_env, ctx["server_log"])
+    runner = procs.ClientRunner(ctx["runner_argv"], CLIENT_ENV, ctx["client_log"])
+    records, log_before_stop = [], ""
+    try:
+        state, waited = procs.wait_for_health(proc, bp.port, args.server_timeout, bp.backend)
+        ctx["server_start_s"] = round(waited, 1)
+        ctx["start_times"].append(waited)
+        clock.say(bp.backend, f"server {state} after {waited:.0f} s")
         if state == "ready":
-            print(f"[{run.backend}] server healthy after {waited_s:.0f} s", flush=True)
-            row.update(measure(run, proc, workload, client_timeout_s))
+            records = run_units(args, ctx, bp, units, clock, proc, runner)
         else:
-            row.update(status=f"server_{state}", server_exit_code=proc.poll(),
-                       server_log_tail=tail_lines(run.server_log, LOG_TAIL_LINES))
-            print(f"[{run.backend}] server {state} (exit code {proc.poll()}); last log lines:\n  "
-                  + "\n  ".join(row["server_log_tail"]), flush=True)
-        log_before_stop = run.server_log.read_text(errors="replace")
+            tail = procs.tail_lines(ctx["server_log"], LOG_TAIL_LINES)
+            print("  " + "\n  ".join(tail), flush=True)
+            records = [write_record(args, ctx, u, bp, {"status": f"server_{state}", "server_exit_code": proc.poll(),
+                                                       "server_log_tail": tail}) for u in units]
+        log_before_stop = procs.read_from(ctx["server_log"])
     finally:
-        row["server_stop_exit_code"] = stop_process_group(proc)
-    row.update(scan_log_after_stop(run, log_before_stop))
-    return row
-
-
-def scan_log_after_stop(run: BackendRun, log_before_stop: str) -> dict:
-    """``log_has_traceback`` (before the stop signal), ``shutdown_traceback`` (after it) and, for
-    packinfer, ``log_tail``."""
-    full = run.server_log.read_text(errors="replace") if run.server_log.exists() else ""
-    scan = scan_server_log(log_before_stop)
-    found = {"log_has_traceback": scan["log_has_traceback"],
-             "shutdown_traceback": "Traceback" in full[len(log_before_stop):]}
-    if run.backend.partition(":")[0] == PACKINFER:
-        found["log_tail"] = scan["log_tail"]
-    return found
+        runner.close()
+        stop_code = procs.stop_process_group(proc, args.stop_grace)
+    after = procs.read_from(ctx["server_log"])[len(log_before_stop):]
+    for rec in records:  # what only the stop tells
+        rec["row"].update(server_stop_exit_code=stop_code, shutdown_traceback="Traceback" in after,
+                          server_log_has_traceback="Traceback" in log_before_stop)
+        report.write_record(args.out_dir, rec)
+    clock.say(bp.backend, f"server stopped (exit code {stop_code})")
 
 
 # ---------------------------------------------------------------------------------------------
-# Environment, outputs, CLI
+# Preparation, CLI
 # ---------------------------------------------------------------------------------------------
-
-
-def gpu_name() -> str | None:
-    """GPU names from ``nvidia-smi`` ("; "-joined), or None without one."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return "; ".join(line.strip() for line in out.splitlines() if line.strip()) or None
-
-
-def package_versions(packages: tuple[str, ...] = VERSION_PACKAGES) -> dict[str, str | None]:
-    """Installed distribution versions (None where absent), read without importing the packages."""
-    versions = {}
-    for name in packages:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def environment() -> dict:
-    """GPU, package versions, Python and date for the output header."""
-    return {"gpu": gpu_name(), "versions": package_versions(), "python": sys.version.split()[0],
-            "date": datetime.now(UTC).isoformat(timespec="seconds")}
-
-
-def render_markdown(report: dict) -> str:
-    """The Markdown file: a header naming workload, model, GPU and versions, then the table."""
-    env, w = report["environment"], report["workload"]
-    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
-    return "\n".join([
-        f"# Serving benchmark: {report['workload_name']}",
-        "",
-        (f"- workload: {w['num_groups']} groups x {w['prompts_per_group']} prompts, system"
-         f" {w['system_prompt_len']} + question {w['question_len']} tokens, output {w['output_len']} tokens,"
-         " request rate"
-         f" {report['request_rate']}, seed {report['seed']}"),
-        f"- model: {report['model_dir']} (--load-format dummy)",
-        f"- GPU: {env['gpu']}; {versions}; {env['date']}",
-        f"- vs base: output throughput / {report['baseline']}'s",
-        "",
-        render_table(report["rows"]),
-        "",
-    ])
-
-
-def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
-    """Write ``serving_<workload>.json`` and ``.md`` into ``out_dir``; returns both paths."""
-    stem = out_dir / f"serving_{report['workload_name']}"
-    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    md_path.write_text(render_markdown(report))
-    return json_path, md_path
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags of this script."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", type=Path, required=True, help="model directory from make_model_dir.py")
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="model directory from make_model_dir.py (required unless --merge-only)")
     p.add_argument("--shape", default=None,
                    help="(re)write --model-dir with this shape preset first (llama-3-8b, qwen2.5-7b, tiny)")
-    p.add_argument("--tokenizer", type=Path, default=None,
-                   help="tokenizer folder (default: <model-dir>/tokenizer)")
+    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (default: <model-dir>/tokenizer)")
     p.add_argument("--backends", default="packinfer,triton,flashinfer",
-                   help="comma-separated attention backends")
-    p.add_argument("--baseline", default="triton",
-                   help="backend whose output throughput the 'vs base' column divides by")
-    p.add_argument("--workload", default="anchors", choices=sorted(WORKLOADS), help="workload preset")
-    for field in dataclasses.fields(Workload):
-        flag = "--" + field.name.replace("_", "-")
-        p.add_argument(flag, type=int, default=None,
-                       help=f"override the preset's {field.name} (tokens or counts)")
+                   help="comma-separated attention backends; NAME:eager runs NAME with decode CUDA graphs off")
+    p.add_argument("--baseline", default="",
+                   help="comma-separated backends the 'vs best base' column compares with (default: every"
+                   " backend but packinfer); the best of them in each table is the reference")
+    p.add_argument("--workloads", "--workload", dest="workloads", default="all",
+                   help=f"comma-separated workloads, or all ({', '.join(wl.ALL_WORKLOADS)});"
+                   f" also known: {', '.join(sorted(set(wl.PRESETS) - set(wl.ALL_WORKLOADS)))}")
+    p.add_argument("--quick", action="store_true", help="the quick sizes of the workloads (serving_workloads.py)")
+    for field in wl.SIZE_FIELDS:
+        p.add_argument("--" + field.replace("_", "-"), type=int, default=None,
+                       help=f"override {field} (tokens or counts) of every selected workload whose kind uses it")
+    p.add_argument("--range-ratio", type=float, default=None, help="override no-sharing's length range ratio")
     p.add_argument("--seed", type=int, default=1, help="client seed: same prompts for every backend")
-    p.add_argument("--request-rate", default="inf",
-                   help="client request rate in requests/s; inf sends all at time 0")
+    p.add_argument("--request-rate", default="inf", help="client request rate in requests/s; inf sends all at time 0")
     p.add_argument("--port", type=int, default=30000, help="first server port; backend i uses port + i")
     p.add_argument("--server-timeout", type=float, default=600.0, help="seconds to wait for /health")
-    p.add_argument("--client-timeout", type=float, default=3600.0, help="seconds the client may run")
+    p.add_argument("--client-timeout", type=float, default=1800.0, help="seconds one workload's client may run")
+    p.add_argument("--stop-grace", type=float, default=8.0, help="seconds between SIGTERM and SIGKILL of a server")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="skip servers and workloads whose estimate would end past this many seconds after"
+                   f" start (default with --quick: {QUICK_DEADLINE_S:.0f})")
+    p.add_argument("--start-estimate-s", type=float, default=150.0,
+                   help="expected seconds of one server start (plan estimate; --deadline-s uses it until a"
+                   " server has started, then the slowest start measured)")
     p.add_argument("--verify", action="store_true", help="set PACKINFER_VERIFY=1 for the packinfer server")
     p.add_argument("--packinfer-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment variable for the packinfer server (repeatable)")
     p.add_argument("--extra-server-args", default="",
                    help="string appended (shlex-split) to every server command;"
                    " write --extra-server-args='--flag' when it is a single flag")
-    p.add_argument("--extra-client-args", default="",
-                   help="string appended (shlex-split) to every client command, e.g. '--flush-cache'")
-    p.add_argument("--python", default=sys.executable, help="Python interpreter that runs server and client")
+    p.add_argument("--extra-client-args", default="", help="string appended (shlex-split) to every client command")
+    p.add_argument("--python", default=sys.executable, help="Python interpreter that runs servers and clients")
     p.add_argument("--out-dir", type=Path, default=Path("out/serving"),
-                   help="folder for logs and results (out/ is git-ignored)")
+                   help="folder for rows, logs and the report (out/ is git-ignored)")
+    p.add_argument("--report-name", default="serving", help="stem of the report files in --out-dir")
     p.add_argument("--clear-dataset-cache", action="store_true",
-                   help="delete sglang.benchmark's cached prompts for this workload and seed before running")
-    p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+                   help="delete sglang.benchmark's cached shared-prefix prompts for these workloads and seed first")
+    p.add_argument("--merge-only", action="store_true", help="only rebuild the report from --out-dir/rows")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the commands and exit")
     return p
-
-
-def workload_from_args(args: argparse.Namespace) -> Workload:
-    """The preset named by ``--workload`` with per-field flag overrides applied."""
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Workload)}
-    return resolve_workload(args.workload, overrides)
 
 
 def prepare_model_dir(args: argparse.Namespace) -> Path:
@@ -545,59 +341,74 @@ def prepare_model_dir(args: argparse.Namespace) -> Path:
     if args.shape:
         make_model_dir(args.shape, args.model_dir)
     if not args.dry_run and not (args.model_dir / "config.json").exists():
-        raise SystemExit(f"{args.model_dir}/config.json missing: run scripts/make_model_dir.py"
-                         " or pass --shape")
-    return args.tokenizer or tokenizer_dir(args.model_dir)
+        raise SystemExit(f"{args.model_dir}/config.json missing: run scripts/make_model_dir.py or pass --shape")
+    return (args.tokenizer or tokenizer_dir(args.model_dir)).resolve()
 
 
-def handle_dataset_cache(workload: Workload, seed: int, clear: bool) -> list[str]:
-    """Warn about (or with ``clear`` delete) cached prompts from earlier runs; returns their paths."""
-    files = dataset_cache_files(workload, seed)
-    for path in files:
-        if clear:
-            path.unlink()
-        print(f"{'deleted' if clear else 'warning: reusing'} cached prompts {path}"
-              + ("" if clear else " (--clear-dataset-cache regenerates them)"), flush=True)
-    return [str(p) for p in files]
+def prepare_inputs(args: argparse.Namespace, units: list[Unit]) -> None:
+    """Write the multi-level dataset files; warn about (or clear) cached shared-prefix prompts."""
+    for unit in units:
+        for path in wl.dataset_cache_files(unit.workload, args.seed):
+            if args.clear_dataset_cache:
+                path.unlink()
+            print(f"{'deleted' if args.clear_dataset_cache else 'reusing'} cached prompts {path}", flush=True)
+        if unit.dataset_file is not None:
+            from sglang.benchmark.utils import get_tokenizer  # the client's loader
+
+            wl.write_multilevel_dataset(unit.workload, args.seed, get_tokenizer(str(args.tokenizer)),
+                                        unit.dataset_file)
+
+
+def print_summary(args: argparse.Namespace, units: list[Unit]) -> None:
+    """The merged report's tables of this run's workloads (all without ``units``), and where the files are."""
+    tables, files = report.merge_reports(args.out_dir, args.report_name, args.baselines)
+    names = {u.name for u in units}  # none (--merge-only): every table
+    for t in tables:
+        if not names or (t["workload_name"] in names and t["mode"] == args.mode):
+            print(f"\n## {t['workload_name']} ({t['mode']}): {t['description']}\n")
+            print(report.render_table(t["rows"]))
+    print("\nwrote " + ", ".join(str(f) for f in files), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    workload = workload_from_args(args)
-    args.model_dir, args.out_dir = args.model_dir.resolve(), args.out_dir.resolve()
-    tokenizer = prepare_model_dir(args).resolve()
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if not backends:
-        raise SystemExit("--backends names no backend")
+    args.out_dir, args.mode = args.out_dir.resolve(), "quick" if args.quick else "full"
+    if args.quick and args.deadline_s is None:
+        args.deadline_s = QUICK_DEADLINE_S
+    args.baselines = tuple(b.strip() for b in args.baseline.split(",") if b.strip()) or None
+    if args.merge_only:
+        return print_summary(args, [])
+    if args.model_dir is None:
+        raise SystemExit("--model-dir is required (unless --merge-only)")
+    args.model_dir = args.model_dir.resolve()
+    args.tokenizer = prepare_model_dir(args)
     try:
-        runs = [plan_backend(args, b, args.port + i, workload, tokenizer) for i, b in enumerate(backends)]
-    except ValueError as exc:  # bad --extra-*-args or --packinfer-env
+        units, plans = plan_units(args), plan_backends(args, args.tokenizer)
+    except (KeyError, ValueError) as exc:  # unknown workload, bad sizes or extra arguments
         raise SystemExit(f"error: {exc}") from None
+    print_plan(args, plans, units)
     if args.dry_run:
-        for run in runs:
-            print(json.dumps({"backend": run.backend, **run.commands()}, indent=2))
+        for bp in plans:
+            print(json.dumps({"backend": bp.backend, "server": shlex.join(bp.server_argv), "server_env": bp.server_env,
+                              "clients": {u.name: commands(args, u, bp)["client"] for u in units}}, indent=2))
         return
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    report = {
-        "workload_name": args.workload, "workload": dataclasses.asdict(workload), "seed": args.seed,
-        "request_rate": args.request_rate, "model_dir": str(args.model_dir), "tokenizer": str(tokenizer),
-        "baseline": args.baseline, "environment": environment(),
-        "dataset_cache_files": handle_dataset_cache(workload, args.seed, args.clear_dataset_cache),
-        "commands": {run.backend: run.commands() for run in runs}, "rows": [],
-    }
-    for run in runs:
-        try:
-            row = run_backend(run, workload, args.server_timeout, args.client_timeout)
-        # A bug here must not cost the remaining backends; run_backend has stopped the server.
-        except Exception as exc:  # noqa: BLE001
-            traceback.print_exc()
-            row = {"backend": run.backend, "status": "driver_error", "error": repr(exc)}
-        print(f"[{run.backend}] {row['status']}: output {row.get('output_throughput')} tok/s", flush=True)
-        report["rows"].append(row)
-        add_baseline_ratio(report["rows"], args.baseline)
-        json_path, md_path = write_report(report, args.out_dir)  # after each backend: partial results stay
-    print(f"\nwrote {json_path} and {md_path}\n")
-    print(render_table(report["rows"]))
+    args.vocab_size = json.loads((args.model_dir / "config.json").read_text())["vocab_size"]
+    (args.out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "results").mkdir(parents=True, exist_ok=True)
+    prepare_inputs(args, units)
+    clock = Clock(args.deadline_s)
+    ctx = {"environment": report.environment(), "start_times": [], "skipped": []}
+    for bp in plans:
+        start_s = max(ctx["start_times"], default=args.start_estimate_s)  # measured ones once there are
+        if not clock.fits(start_s + args.stop_grace + (wl.estimate_seconds(units[0].workload) if units else 0)):
+            clock.say(bp.backend, "deadline: server not started")
+            ctx["skipped"] += [f"{bp.backend}/{u.name}" for u in units]
+            continue
+        run_backend(args, ctx, bp, units, clock)
+    print_summary(args, units)
+    if ctx["skipped"]:
+        print(f"skipped for the deadline (run them in another invocation into {args.out_dir}): "
+              + ", ".join(ctx["skipped"]), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,266 @@
+"""Serving benchmark results: rows from client output, per-run row files, their merge into one
+report (JSON, one Markdown table per workload, a PNG of grouped bars).
+
+Each (workload, mode, backend) run leaves ``<out-dir>/rows/<workload>.<mode>.<backend>.json`` (a
+record: workload, backend, commands, environment and the row). ``merge_reports`` rebuilds
+``<name>.json``, ``<name>.md`` and ``<name>.png`` from every record in ``rows/``, so separate
+invocations into one ``--out-dir`` (one per backend, say) end in one report; a later run of the same
+(workload, mode, backend) replaces the earlier record.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+PACKINFER = "packinfer"
+VERSION_PACKAGES = ("torch", "triton", "sglang", "flashinfer-python", "transformers")
+LOG_LINE_PREFIX = "packinfer:"  # the backend's summary lines (config.py's PACKINFER_LOG_EVERY)
+PACKINFER_LOG_LINES = 5
+WORKLOAD_ORDER = ("anchors", "prefill-heavy", "multi-level", "parallel-sampling", "no-sharing")
+
+# Keys of the JSON line sglang.benchmark.serving (and serving_parallel.py) appends to --output-file;
+# times in milliseconds, throughputs in tokens (or requests) per second, duration in seconds.
+RESULT_KEYS = (
+    "completed", "duration", "total_input_tokens", "total_output_tokens", "request_throughput",
+    "output_throughput", "total_throughput", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms",
+    "p99_itl_ms", "median_e2e_latency_ms", "p99_e2e_latency_ms", "max_concurrent_requests",
+)
+
+# (header, row key, format) of the Markdown tables.
+TABLE_COLUMNS = (
+    ("backend", "backend", "{}"), ("status", "status", "{}"), ("done", "completed", "{}"),
+    ("out tok/s", "output_throughput", "{:.1f}"), ("vs best base", "throughput_vs_best_baseline", "{:.2f}x"),
+    ("TTFT p50 ms", "median_ttft_ms", "{:.1f}"), ("TTFT p99 ms", "p99_ttft_ms", "{:.1f}"),
+    ("ITL p50 ms", "median_itl_ms", "{:.2f}"), ("ITL p99 ms", "p99_itl_ms", "{:.2f}"),
+    ("E2E p50 ms", "median_e2e_latency_ms", "{:.0f}"), ("E2E p99 ms", "p99_e2e_latency_ms", "{:.0f}"),
+    ("traceback", "log_has_traceback", "{}"),
+)
+
+
+def parse_result_line(line: str, expected_requests: int | None = None) -> dict:
+    """Row fields (``RESULT_KEYS``) from one JSON line of the client; ``status`` "incomplete" when
+    fewer than ``expected_requests`` completed. Raises ``ValueError`` on malformed JSON."""
+    try:
+        result = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"client result is not JSON: {line[:200]!r}") from exc
+    row = {key: result.get(key) for key in RESULT_KEYS}
+    complete = expected_requests is None or (row["completed"] or 0) >= expected_requests
+    row["status"] = "ok" if complete else "incomplete"
+    return row
+
+
+def read_result_file(path: Path, expected_requests: int | None = None) -> dict:
+    """Row from the last line of the client's JSONL file (it appends); raises ``ValueError`` if empty."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if not lines:
+        raise ValueError(f"no result line in {path}")
+    return parse_result_line(lines[-1], expected_requests)
+
+
+def scan_server_log(text: str, last: int = PACKINFER_LOG_LINES) -> dict:
+    """``log_tail``: the last ``last`` packinfer summary lines (the message starts with "packinfer:"
+    after an optional ``[date time]`` stamp; each cut to 400 characters); ``log_has_traceback``:
+    whether ``Traceback`` occurs anywhere in ``text``."""
+    hits = [line[:400] for line in text.splitlines()
+            if line.split("] ", 1)[-1].lstrip().startswith(LOG_LINE_PREFIX)]
+    return {"log_tail": hits[-last:], "log_has_traceback": "Traceback" in text}
+
+
+def is_baseline(backend: str, baselines: tuple[str, ...] | None) -> bool:
+    """Whether ``backend`` ("NAME" or "NAME:variant") counts as a baseline: named in ``baselines``
+    (by full or base name), or, without that list, any backend that is not packinfer."""
+    if baselines:
+        return backend in baselines or backend.partition(":")[0] in baselines
+    return backend.partition(":")[0] != PACKINFER
+
+
+def add_baseline_ratio(rows: list[dict], baselines: tuple[str, ...] | None = None) -> str | None:
+    """Set ``throughput_vs_best_baseline`` (output throughput / the best baseline's) on every row in
+    place; returns the best baseline's backend name (None without an "ok" baseline row)."""
+    candidates = [r for r in rows if is_baseline(r["backend"], baselines) and r.get("status") == "ok"
+                  and r.get("output_throughput")]
+    best = max(candidates, key=lambda r: r["output_throughput"], default=None)
+    for row in rows:
+        value = row.get("output_throughput")
+        row["throughput_vs_best_baseline"] = value / best["output_throughput"] if value and best else None
+    return best["backend"] if best else None
+
+
+def render_table(rows: list[dict]) -> str:
+    """Markdown table of ``rows``, one per backend; missing values shown as ``-``."""
+    def cell(row, key, fmt):
+        value = row.get(key)
+        return "-" if value is None else fmt.format(value)
+
+    lines = ["| " + " | ".join(h for h, _, _ in TABLE_COLUMNS) + " |",
+             "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
+    lines += ["| " + " | ".join(cell(row, key, fmt) for _, key, fmt in TABLE_COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment
+# ---------------------------------------------------------------------------------------------
+
+
+def gpu_name() -> str | None:
+    """GPU names from ``nvidia-smi`` ("; "-joined), or None without one."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return "; ".join(line.strip() for line in out.splitlines() if line.strip()) or None
+
+
+def package_versions(packages: tuple[str, ...] = VERSION_PACKAGES) -> dict[str, str | None]:
+    """Installed distribution versions (None where absent), read without importing the packages."""
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def environment() -> dict:
+    """GPU, package versions, Python and date for the output header."""
+    return {"gpu": gpu_name(), "versions": package_versions(), "python": sys.version.split()[0],
+            "date": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Row files and their merge
+# ---------------------------------------------------------------------------------------------
+
+
+def record_path(out_dir: Path, workload_name: str, mode: str, backend: str) -> Path:
+    """Where the record of one (workload, mode, backend) run lives."""
+    return out_dir / "rows" / f"{workload_name}.{mode}.{backend.replace(':', '-')}.json"
+
+
+def write_record(out_dir: Path, record: dict) -> Path:
+    """Write one run's record (keys ``workload_name``, ``mode``, ``backend``, ``row``, ...)."""
+    path = record_path(out_dir, record["workload_name"], record["mode"], record["backend"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
+
+
+def load_records(out_dir: Path) -> list[dict]:
+    """Every record under ``out_dir/rows`` (sorted by file name); raises ``ValueError`` on a broken file."""
+    records = []
+    for path in sorted((out_dir / "rows").glob("*.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not JSON: {exc}") from exc
+    return records
+
+
+def _backend_order(backend: str) -> tuple:
+    return (backend.partition(":")[0] != PACKINFER, backend)
+
+
+def build_tables(records: list[dict], baselines: tuple[str, ...] | None = None) -> list[dict]:
+    """One table per (workload name, mode, workload sizes): its rows (row fields plus ``backend``,
+    ``commands``, ``environment``, ``seed``), packinfer first, with ratios to the best baseline."""
+    tables: dict[tuple, dict] = {}
+    for rec in records:
+        key = (rec["workload_name"], rec["mode"], json.dumps(rec["workload"], sort_keys=True))
+        table = tables.setdefault(key, {k: rec[k] for k in ("workload_name", "mode", "workload", "description")}
+                                  | {"rows": []})
+        table["rows"].append({"backend": rec["backend"], **rec["row"], "seed": rec.get("seed"),
+                              "request_rate": rec.get("request_rate"), "model_dir": rec.get("model_dir"),
+                              "commands": rec.get("commands"), "environment": rec.get("environment")})
+    order = {name: i for i, name in enumerate(WORKLOAD_ORDER)}
+    result = sorted(tables.values(), key=lambda t: (order.get(t["workload_name"], len(order)),
+                                                    t["workload_name"], t["mode"]))
+    for table in result:
+        table["rows"].sort(key=lambda r: _backend_order(r["backend"]))
+        table["best_baseline"] = add_baseline_ratio(table["rows"], baselines)
+    return result
+
+
+def render_markdown(tables: list[dict], title: str = "Serving benchmark",
+                    baselines: tuple[str, ...] | None = None) -> str:
+    """The report: environment lines (every GPU, version set and date seen), then per workload a
+    heading, its description and its table."""
+    envs = [r["environment"] for t in tables for r in t["rows"] if r.get("environment")]
+    gpus = sorted({str(e.get("gpu")) for e in envs})
+    versions = sorted({", ".join(f"{k} {v}" for k, v in e["versions"].items() if v) for e in envs})
+    dates = sorted(e["date"] for e in envs)
+    rows = [r for t in tables for r in t["rows"]]
+    rates = ", ".join(sorted({str(r.get("request_rate")) for r in rows}))
+    models = ", ".join(sorted({str(r.get("model_dir")) for r in rows}))
+    lines = [f"# {title}", "", f"- GPU: {'; '.join(gpus) or '-'}",
+             *[f"- versions: {v}" for v in versions],
+             f"- dates: {dates[0]} to {dates[-1]}" if dates else "- dates: -",
+             (f"- vs best base: output throughput / the best baseline's in the same table (baselines:"
+              f" {', '.join(baselines) if baselines else 'every backend but packinfer'})"),
+             f"- model: {models} (--load-format dummy); request rate (requests/s; inf: all at time 0): {rates}",
+             ""]
+    for t in tables:
+        best = t.get("best_baseline") or "none"
+        lines += [f"## {t['workload_name']} ({t['mode']})", "", f"{t['description']}; best baseline: {best}",
+                  "", render_table(t["rows"]), ""]
+    return "\n".join(lines)
+
+
+def write_plot(path: Path, tables: list[dict]) -> None:
+    """Grouped bars: output throughput per workload (groups) and backend (bars), ratio to the best
+    baseline written over each bar. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backends = sorted({r["backend"] for t in tables for r in t["rows"]}, key=_backend_order)
+    width = 0.8 / max(1, len(backends))
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.0 * len(tables)), 4.5))
+    for i, backend in enumerate(backends):
+        xs, ys, labels = [], [], []
+        for j, t in enumerate(tables):
+            row = next((r for r in t["rows"] if r["backend"] == backend), None)
+            if row and row.get("output_throughput"):
+                ratio = row.get("throughput_vs_best_baseline")
+                xs.append(j + (i - (len(backends) - 1) / 2) * width)
+                ys.append(row["output_throughput"])
+                labels.append(f"{ratio:.2f}x" if ratio else "")
+        bars = ax.bar(xs, ys, width, label=backend)
+        ax.bar_label(bars, labels=labels, fontsize=7)
+    ax.set_xticks(range(len(tables)), [f"{t['workload_name']}\n({t['mode']})" for t in tables])
+    ax.set_ylabel("output tokens/s")
+    ax.set_title("SGLang server, output throughput by attention backend")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def merge_reports(out_dir: Path, name: str = "serving", baselines: tuple[str, ...] | None = None
+                  ) -> tuple[list[dict], list[Path]]:
+    """Rebuild ``out_dir/<name>.{json,md,png}`` from every record in ``out_dir/rows``; returns the
+    tables and the files written (the PNG is skipped, with a message, without matplotlib)."""
+    tables = build_tables(load_records(out_dir), baselines)
+    json_path, md_path, png_path = (out_dir / f"{name}{ext}" for ext in (".json", ".md", ".png"))
+    report = {"generated": datetime.now(UTC).isoformat(timespec="seconds"),
+              "baselines": list(baselines) if baselines else "every backend but packinfer",
+              "tables": tables}
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    md_path.write_text(render_markdown(tables, baselines=baselines))
+    written = [json_path, md_path]
+    try:
+        if tables:
+            write_plot(png_path, tables)
+            written.append(png_path)
+    except Exception as exc:  # noqa: BLE001 -- a missing matplotlib is not worth a failed run
+        print(f"plot skipped: {type(exc).__name__}: {exc}", flush=True)
+    return tables, written
