@@ -26,8 +26,10 @@ Cost model (per relocated part: a group's prefix, or one member's suffix), all i
   Tokens decoded after the move are placed by SGLang's allocator and are not counted either way.
 
 A part is moved when ``saving * steps >= min_gain * copy``. Break-even for a suffix with
-``gather_penalty = 0``: ``head_dim * dtype_bytes / index_bytes`` steps (64 for bf16, head_dim 128);
-a prefix divides that by its tile count. Groups are placed, best net gain first (ties: group
+``gather_penalty = 0``: copy ``4 * L * H * D * b`` per token against ``L * H * index_bytes`` per
+step, i.e. ``4 * head_dim * dtype_bytes / index_bytes`` steps (256 for bf16, head_dim 128); a prefix
+divides that by its tile count. Index bytes alone rarely pay within a request's life; the term
+that can is ``gather_penalty`` (from the kernel's scattered-vs-compacted timing on a GPU). Groups are placed, best net gain first (ties: group
 index), each into the smallest free page run that fits it whole (ties: lowest start), until
 ``max_tokens`` tokens are moved; a group with no fitting run is skipped. Decisions depend only on
 the inputs (no ids of Python objects, no clocks), so every tensor-parallel rank, holding the same

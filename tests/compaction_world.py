@@ -66,7 +66,7 @@ class SimReq:
 
 class World:
     def __init__(self, page_size: int, num_pages: int, need_sort=False, min_prefix_tokens=8, min_gain=1e-9,
-                 max_tokens=1 << 20, max_reqs=24, max_context=320, chunk_tokens=64):
+                 max_tokens=1 << 20, max_reqs=24, max_context=320, chunk_tokens=None):
         size = num_pages * page_size
         self.ps = page_size
         self.kv = MHATokenToKVPool(size, page_size, DTYPE, KV_HEADS, HEAD_DIM, LAYERS, "cpu", False,
@@ -79,7 +79,7 @@ class World:
         params = CacheInitParams(disable=False, req_to_token_pool=self.rtp, token_to_kv_pool_allocator=self.alloc,
                                  page_size=page_size)
         self.cache = PackInferRadixCache(params, PackInferConfig(min_prefix_tokens=min_prefix_tokens))
-        cost = CostModel(LAYERS, KV_HEADS, HEAD_DIM, 2, gqa_group_size=4, chunk_tokens=chunk_tokens,
+        cost = CostModel(LAYERS, KV_HEADS, HEAD_DIM, 2, gqa_group_size=4, chunk_tokens=chunk_tokens or 2 * page_size,
                          min_gain=min_gain)
         self.relocator = Relocator(self.cache, cost, max_tokens)
         self.running: list[SimReq] = []
