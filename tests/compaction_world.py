@@ -124,8 +124,10 @@ class World:
         self.running.append(req)
         return req
 
-    def decode_step(self):
-        """One decode forward: each running request gets a slot for its last token and its KV."""
+    def prepare_decode(self) -> list:
+        """SGLang's ``prepare_for_decode``: a slot per running request for its last token (paged: next to
+        its last slot inside a page). Returns ``(req, position, slot)`` for the forward."""
+        out = []
         for req in list(self.running):
             pos = req.kv.kv_allocated_len
             row = self.rtp.req_to_token[req.req_pool_idx]
@@ -139,8 +141,19 @@ class World:
                 slot = int(row[pos - 1]) + 1
             row[pos] = slot
             req.kv.kv_allocated_len = pos + 1
-            self._write_kv(req, pos, pos + 1)
+            out.append((req, pos, slot))
+        return out
+
+    def forward(self, items) -> None:
+        """The decode forward: writes each token's KV at the slot it was given, appends an output."""
+        for req, pos, slot in items:
+            for layer, (k, v) in enumerate(expected_kv(rolling_hashes(req.tokens[: pos + 1])[-1:], l)
+                                           for l in range(LAYERS)):
+                self.kv.k_buffer[layer][slot], self.kv.v_buffer[layer][slot] = k[0], v[0]
             req.output_ids.append((len(req.output_ids) * 31 + int(req.rid[1:])) % 50000 + 1000)
+
+    def decode_step(self):
+        self.forward(self.prepare_decode())
         self.relocator.free_deferred()  # the old slots of the last relocation, after this forward
 
     def finish(self, req, abort=False):
@@ -154,8 +167,9 @@ class World:
     def evict(self, num_tokens):
         self.cache.evict(EvictParams(num_tokens=num_tokens))
 
-    def compact(self):
-        """Plans and relocates; returns the plan. Checks every request's KV is bit-identical."""
+    def compact(self, flush=True):
+        """Plans and relocates (and copies, with ``flush``); returns the plan. Checks that every
+        request's KV is bit-identical after the copy."""
         if not self.running:
             return None
         lens = [r.kv.kv_allocated_len + 1 for r in self.running]
@@ -164,6 +178,8 @@ class World:
         remaining = [max(r.max_new - len(r.output_ids), 0) for r in self.running]
         plan = self.relocator.compact(self.running, groups, remaining)
         self.check()  # between relocate and copy: ownership already consistent
+        if not flush:
+            return plan
         self.moved_tokens += self.relocator.flush_copies()
         after = self.request_kv()
         for rid, kv in before.items():

@@ -145,6 +145,31 @@ def test_relocation_makes_groups_contiguous_and_keeps_kv(page_size, num_pages):
     w.check_content()
 
 
+@pytest.mark.parametrize("page_size, num_pages", [(1, 1024), (16, 64)])
+@pytest.mark.parametrize("copy_after_forward", [True, False])
+def test_overlap_order_copy_after_the_inflight_forward(page_size, num_pages, copy_after_forward):
+    # Overlap scheduler: step k's tokens got slots (prepare) and forward k is in flight when the
+    # relocation runs; forward k still writes its KV at the old slot. Copying after forward k (on the
+    # forward stream, before forward k+1) keeps it; copying before loses the new token's KV.
+    w = World(page_size, num_pages, chunk_tokens=4096)
+    _populate(w, random.Random(4))
+    inflight = w.prepare_decode()
+    plan = w.compact(flush=False)
+    moved = {o.key[1] for m in plan.moves for o in m.owners if o.key[0] == "tail"}
+    assert moved
+    if copy_after_forward:
+        w.forward(inflight)  # writes at the slots captured before the relocation
+        w.relocator.flush_copies()
+        w.check_content()
+    else:
+        w.relocator.flush_copies()
+        w.forward(inflight)
+        with pytest.raises(AssertionError, match="K of layer"):
+            w.check_content()
+    w.decode_step()
+    w.check()
+
+
 def test_integrity_catches_double_ownership_leaks_and_stale_rows():
     w = World(1, 512)
     _populate(w, random.Random(2), systems=2, per_system=2)
