@@ -54,7 +54,7 @@ from .compaction_plan import (
     Fragmentation,
     GroupLayout,
     Owner,
-    measure_fragmentation,
+    layout_fragmentation,
     plan_compaction,
 )
 
@@ -124,6 +124,30 @@ def collect_layouts(reqs, groups, req_to_token: torch.Tensor, remaining_steps) -
     return Layouts(out, holders)
 
 
+def pinned_nodes(holders: dict, live_reqs) -> frozenset:
+    """Keys of tree nodes locked by someone outside ``live_reqs`` (a chunked prefill, a session):
+    their rows cannot be rewritten, so the nodes stay. A node's ``lock_ref`` counts the lockers whose
+    ``last_node`` lies in its subtree; it must equal the live requests on paths through it."""
+    on_path: dict[int, int] = {}
+    for r in live_reqs:
+        for n in _path(r.last_node):
+            on_path[id(n)] = on_path.get(id(n), 0) + 1
+    return frozenset(k for k, n in holders.items() if k[0] == "node" and n.lock_ref != on_path.get(id(n), 0))
+
+
+def measure_fragmentation(cache, reqs, groups=None) -> Fragmentation:
+    """Runs per group prefix and per request suffix of a decode batch, for a benchmark's per-step
+    log (``.summary()``). ``groups``: default ``cache.decode_groups`` (packinfer cache) or one group
+    per request. One device-to-host copy of the batch's ``req_to_token`` rows."""
+    if groups is None:
+        from .grouping import ungrouped
+
+        lens = [r.kv.kv_allocated_len + 1 for r in reqs]
+        groups = cache.decode_groups(reqs, lens) if hasattr(cache, "decode_groups") else ungrouped(len(reqs))
+    rem = np.zeros(len(reqs), np.int64)
+    return layout_fragmentation(collect_layouts(reqs, groups, cache.req_to_token_pool.req_to_token, rem).groups)
+
+
 class Relocator:
     """Plans and applies compaction on one scheduler's pools (see module docstring).
 
@@ -151,19 +175,19 @@ class Relocator:
         self._unflushed: list[torch.Tensor] = []  # old slots whose copy is not launched
         self._retired: list[torch.Tensor] = []  # old slots whose copy is launched
 
-    def measure(self, reqs, groups, remaining_steps=None) -> Fragmentation:
+    def measure(self, reqs, groups) -> Fragmentation:
         """Fragmentation of a decode batch (runs per group prefix and request suffix)."""
-        rem = np.zeros(len(reqs), np.int64) if remaining_steps is None else remaining_steps
-        return measure_fragmentation(collect_layouts(reqs, groups, self.req_to_token, rem).groups)
+        return measure_fragmentation(self.cache, reqs, groups)
 
     def compact(self, reqs, groups, remaining_steps, live_reqs=None) -> CompactionPlan:
         """Plans for the batch ``reqs`` (grouped as ``groups``) and relocates (without copying;
         call :meth:`flush_copies`). ``live_reqs``: every request holding a ``req_to_token`` row
         (default ``reqs``); all of them are rewritten."""
+        live = reqs if live_reqs is None else live_reqs
         layouts = collect_layouts(reqs, groups, self.req_to_token, remaining_steps)
         plan = plan_compaction(layouts.groups, free_page_runs(self.allocator), self.page_size, self.cost,
-                               self.max_tokens)
-        self.relocate(plan, layouts.holders, reqs if live_reqs is None else live_reqs)
+                               self.max_tokens, pinned_nodes(layouts.holders, live))
+        self.relocate(plan, layouts.holders, live)
         return plan
 
     def relocate(self, plan: CompactionPlan, holders: dict, live_reqs) -> None:

@@ -5,7 +5,7 @@ Terms. An *owner* holds pool slots: a radix-tree node (``node.value``) or a runn
 tree). A group's *prefix* is the owners on its members' common tree path; a member's *suffix* is
 its tree nodes below that path plus its tail. A *run* is a maximal stretch of consecutive slots.
 
-Fragmentation. ``count_runs`` per group prefix and per request suffix (:func:`measure_fragmentation`).
+Fragmentation. ``count_runs`` per group prefix and per request suffix (:func:`layout_fragmentation`).
 
 Cost model (per relocated part: a group's prefix, or one member's suffix), all in bytes:
 
@@ -60,7 +60,7 @@ class GroupLayout(NamedTuple):
 
 
 class Fragmentation(NamedTuple):
-    """Result of :func:`measure_fragmentation`; runs and lengths in slots/tokens."""
+    """Result of :func:`layout_fragmentation`; runs and lengths in slots/tokens."""
 
     prefix_runs: np.ndarray  # [num_groups] int64 (0 for an empty prefix)
     prefix_lens: np.ndarray  # [num_groups] int64 tokens
@@ -169,7 +169,7 @@ def _cat(owners: list[Owner]) -> np.ndarray:
     return np.concatenate([o.slots for o in owners]) if owners else np.zeros(0, np.int64)
 
 
-def measure_fragmentation(layouts: list[GroupLayout]) -> Fragmentation:
+def layout_fragmentation(layouts: list[GroupLayout]) -> Fragmentation:
     """Runs and tokens per group prefix and per request suffix (see :class:`Fragmentation`)."""
     pre = [_cat(g.prefix) for g in layouts]
     suf = [_cat(s) for g in layouts for s in g.suffixes]
@@ -206,20 +206,21 @@ def _group_proposal(layout: GroupLayout, claimed: set, cost: CostModel):
 
 
 def plan_compaction(layouts: list[GroupLayout], free_runs: np.ndarray, page_size: int, cost: CostModel,
-                    max_tokens: int) -> CompactionPlan:
+                    max_tokens: int, frozen: frozenset = frozenset()) -> CompactionPlan:
     """Chooses the groups to relocate and their target page ranges (module docstring).
 
     Args:
-        layouts: per decode group, where its KV lies (:func:`measure_fragmentation`'s input).
+        layouts: per decode group, where its KV lies (``compaction.collect_layouts``).
         free_runs: ``[num_runs, 2]`` int64 ``(first_page, num_pages)`` of the allocator's free pages
             (``compaction_alloc.free_page_runs``); pages are slots when ``page_size == 1``.
         page_size: tokens per page; every owner's slots start on a page boundary.
         cost: the cost model; max_tokens: cap on tokens copied by this plan.
+        frozen: owner keys that must not move (held by someone the relocator cannot rewrite).
 
     Returns:
         :class:`CompactionPlan`; ``free_runs`` is not modified.
     """
-    claimed: set = set()
+    claimed: set = set(frozen)
     proposals = []
     for g, layout in enumerate(layouts):
         owners, tokens, copy, saved = _group_proposal(layout, claimed, cost)
