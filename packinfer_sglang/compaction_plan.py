@@ -173,7 +173,7 @@ def layout_fragmentation(layouts: list[GroupLayout]) -> Fragmentation:
     """Runs and tokens per group prefix and per request suffix (see :class:`Fragmentation`)."""
     pre = [_cat(g.prefix) for g in layouts]
     suf = [_cat(s) for g in layouts for s in g.suffixes]
-    arr = lambda xs: np.array(xs, dtype=np.int64)  # noqa: E731
+    arr = lambda xs: np.array(xs, dtype=np.int64)
     return Fragmentation(arr([count_runs(s) for s in pre]), arr([len(s) for s in pre]),
                          arr([count_runs(s) for s in suf]), arr([len(s) for s in suf]))
 

@@ -14,7 +14,7 @@ from compaction_world import World
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from packinfer_sglang.compaction import collect_layouts
+from packinfer_sglang.compaction import collect_layouts, item_kv_bases
 from packinfer_sglang.compaction_alloc import claim_pages, free_page_runs
 from packinfer_sglang.compaction_plan import (
     CostModel,
@@ -91,6 +91,12 @@ def test_plan_is_deterministic_and_ignores_object_identity():
     assert repr(a) == repr(b)
 
 
+def test_item_kv_bases_mark_single_run_items():
+    kv = torch.tensor([7, 8, 9, 3, 4, 20, 21, 22, 23, 5], dtype=torch.int32)
+    starts, lens = torch.tensor([0, 0, 3, 5, 4, 9, 2]), torch.tensor([3, 4, 2, 4, 2, 1, 1])
+    assert item_kv_bases(kv, starts, lens).tolist() == [7, -1, 3, 20, -1, 5, 9]
+
+
 # --- allocator helper -----------------------------------------------------------------------------
 
 
@@ -129,7 +135,7 @@ def _populate(w, rng, systems=3, per_system=3, system_len=40, check=True):
 def test_relocation_makes_groups_contiguous_and_keeps_kv(page_size, num_pages):
     w = World(page_size, num_pages, chunk_tokens=4096)  # every broken part counts as gathered
     _populate(w, random.Random(1))
-    groups = lambda: w.cache.decode_groups(w.running, [r.kv.kv_allocated_len + 1 for r in w.running])  # noqa: E731
+    groups = lambda: w.cache.decode_groups(w.running, [r.kv.kv_allocated_len + 1 for r in w.running])
     frag = w.relocator.measure(w.running, groups())
     plan = w.compact()
     assert plan.moves and not plan.skipped
