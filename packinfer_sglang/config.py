@@ -12,6 +12,14 @@ environment variables reach every rank; ``packinfer serve`` sets them from its f
 | ``PACKINFER_VERIFY_EVERY`` | 1 | with verification on, check one decode step in this many |
 | ``PACKINFER_VERIFY_RTOL`` | 2e-2 | verification fails above this relative L2 error (bf16 outputs) |
 | ``PACKINFER_LOG_EVERY`` | 500 | decode steps between grouping/verification log lines (0: never) |
+| ``PACKINFER_COMPACT`` | 0 | relocate scattered groups into contiguous KV slot ranges (off until measured) |
+| ``PACKINFER_COMPACT_EVERY`` | 32 | decode steps between compaction plans |
+| ``PACKINFER_COMPACT_HORIZON`` | 256 | cap on a request's expected remaining decode steps (cost rule) |
+| ``PACKINFER_COMPACT_MIN_GAIN`` | 1.0 | relocate only if bytes saved >= this × bytes copied |
+| ``PACKINFER_COMPACT_GATHER_PENALTY`` | 0.0 | extra fraction of a token's K/V bytes an index gather costs |
+| ``PACKINFER_COMPACT_MAX_TOKENS`` | 65536 | tokens copied per plan at most (bounds the stall) |
+
+The compaction cost rule is :mod:`packinfer_sglang.compaction_plan`'s docstring.
 """
 
 from __future__ import annotations
@@ -35,6 +43,12 @@ class PackInferConfig:
     verify_every: int = 1
     verify_rtol: float = 2e-2
     log_every: int = 500
+    compact: bool = False
+    compact_every: int = 32
+    compact_horizon: int = 256
+    compact_min_gain: float = 1.0
+    compact_gather_penalty: float = 0.0
+    compact_max_tokens: int = 65536
 
     def __post_init__(self):
         if self.min_prefix_tokens < 1:
@@ -47,6 +61,12 @@ class PackInferConfig:
             raise ValueError(f"verify_every must be >= 1, got {self.verify_every}")
         if self.log_every < 0:
             raise ValueError(f"log_every must be >= 0, got {self.log_every}")
+        for name in ("compact_every", "compact_horizon", "compact_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.compact_min_gain <= 0 or self.compact_gather_penalty < 0:
+            raise ValueError(f"compact_min_gain must be > 0 and compact_gather_penalty >= 0, got "
+                             f"{self.compact_min_gain}, {self.compact_gather_penalty}")
 
 
 def _parse(name: str, raw: str, typ):

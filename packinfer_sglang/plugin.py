@@ -25,6 +25,7 @@ def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
     from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
 
+    from .config import get_config
     from .patches import batch_order, forward_batch
 
     if NAME not in ATTENTION_BACKENDS:
@@ -35,6 +36,11 @@ def register() -> None:
         register_radix_cache_backend(NAME, _create_radix_cache)
     HookRegistry.register(forward_batch.TARGET, forward_batch.attach_decode_groups, HookType.AFTER)
     HookRegistry.register(batch_order.TARGET, batch_order.group_adjacent, HookType.BEFORE)
+    if get_config().compact:  # KV compaction (issue 5): off until measured
+        from .patches import compaction_hook
+
+        HookRegistry.register(compaction_hook.BEFORE_TARGET, compaction_hook.plan_and_relocate, HookType.BEFORE)
+        HookRegistry.register(compaction_hook.AFTER_TARGET, compaction_hook.launch_copies, HookType.AFTER)
     _registered = True
     logger.info("packinfer: registered attention backend and radix cache backend %r", NAME)
 
