@@ -91,14 +91,21 @@ def time_us(fn: Callable, rep_ms: float = 20.0) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median") * 1e3
 
 
-def measure_rates(device: torch.device, nbytes: int = 2 << 30, n: int = 8192) -> tuple[float, float]:
-    """Copy bandwidth in B/s (a device-to-device copy of ``nbytes``, bytes read plus written) and
-    bf16 matmul rate in FLOP/s (``torch.matmul`` of two random ``n x n`` matrices, ``2 n^3`` FLOP)."""
+def measure_rates(device: torch.device, nbytes: int = 2 << 30, n: int = 8192) -> tuple[float, float, float]:
+    """Bandwidth for the floor, bf16 matmul rate, and copy bandwidth, in B/s and FLOP/s.
+
+    Decode attention only reads, so the floor's bandwidth is the larger of a read-only stream (``amax``
+    over ``nbytes`` of bf16: bytes read) and a device-to-device copy of ``nbytes`` (bytes read plus
+    written); FlashInfer's decode was seen above the copy figure. Matmul: ``torch.matmul`` of two
+    random ``n x n`` bf16 matrices, ``2 n^3`` FLOP."""
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    bandwidth = 2 * nbytes / (time_us(lambda: dst.copy_(src)) * 1e-6)
+    copy = 2 * nbytes / (time_us(lambda: dst.copy_(src)) * 1e-6)
+    flat = src.view(torch.bfloat16)
+    read = nbytes / (time_us(lambda: torch.amax(flat)) * 1e-6)
+    del src, dst, flat
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    return bandwidth, 2 * n**3 / (time_us(lambda: torch.matmul(a, b)) * 1e-6)
+    return max(read, copy), 2 * n**3 / (time_us(lambda: torch.matmul(a, b)) * 1e-6), copy
 
 
 def evaluate(name: str, inp: kc.CaseInputs, ref: torch.Tensor, kern, tol: float,
@@ -225,8 +232,8 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
     start, kern = time.perf_counter(), import_kernels()
     torch.set_float32_matmul_precision("highest")  # an fp32 oracle: no TF32
-    rates = measure_rates(device) if timed else kc.ANCHOR_RATES
-    meta = {**environment(device), "bandwidth": rates[0], "matmul_rate": rates[1],
+    *rates, copy_bw = measure_rates(device) if timed else (*kc.ANCHOR_RATES, kc.ANCHOR_RATES[0])
+    meta = {**environment(device), "bandwidth": rates[0], "matmul_rate": rates[1], "copy_bandwidth": copy_bw,
             "rates_source": "measured in this run" if timed else "ANCHORS.md's, not measured",
             "grid": mode, "cases_filter": args.cases, "rep_ms": rep_ms, "impls": impls,
             "estimate_s": round(estimate_s)}

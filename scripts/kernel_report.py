@@ -143,8 +143,11 @@ def render_targets(rows: list[dict]) -> str:
 
 def report_header(meta: dict) -> str:
     """The lines every report starts with: GPU, versions, date, rates, method."""
-    rates = (f"copy bandwidth {meta['bandwidth'] / 1e12:.2f} TB/s (read + written), bf16 matmul "
-             f"{meta['matmul_rate'] / 1e12:.0f} TFLOP/s ({meta['rates_source']})")
+    copy = meta.get("copy_bandwidth")
+    bw = (f"floor bandwidth {meta['bandwidth'] / 1e12:.2f} TB/s (max of read-only stream and copy; copy "
+          f"{copy / 1e12:.2f} TB/s read + written)" if copy else
+          f"copy bandwidth {meta['bandwidth'] / 1e12:.2f} TB/s (read + written)")
+    rates = f"{bw}, bf16 matmul {meta['matmul_rate'] / 1e12:.0f} TFLOP/s ({meta['rates_source']})"
     return (f"GPU {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}, sglang {meta['sglang']}, "
             f"flashinfer {meta['flashinfer']}; {meta['date']}\n{rates}\n"
             f"timing: {meta['timing']}; L2 {meta['l2']}; outputs checked against the fp32 oracle "
