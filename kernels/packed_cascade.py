@@ -155,6 +155,14 @@ def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.to(device)
 
 
+def copy_host_into(dst: torch.Tensor, host: torch.Tensor) -> None:
+    """Copies a host tensor into the leading ``host.numel()`` elements of the contiguous 1-D device
+    buffer ``dst``, asynchronously through pinned memory when ``dst`` is on a GPU."""
+    if dst.device.type == "cuda":
+        host = host.pin_memory()
+    dst[: host.numel()].copy_(host, non_blocking=True)
+
+
 def suffix_block_m_for(gqa_group_size: int) -> int:
     """Rows of a suffix tile: the GQA ratio, padded to the 16 rows ``tl.dot`` needs."""
     return max(16, triton.next_power_of_2(gqa_group_size))
@@ -177,7 +185,7 @@ def make_plan(
     """Copies a host :class:`WorkPlan` next to ``kv_indices`` (its device) as a :class:`PackedCascadePlan`
     (one host-to-device copy)."""
     flat = host_to_device(torch.from_numpy(_host_table(work)), kv_indices.device)
-    n_items, n_merge = int(flat.shape[0] - 2 - len(work.merge_indptr)) // ITEM_FIELDS, len(work.merge_indptr)
+    n_items, n_merge = len(work.prefix_items) + len(work.suffix_items), len(work.merge_indptr)
     return PackedCascadePlan(
         flat[2 + n_merge :].view(n_items, ITEM_FIELDS), flat[:2], flat[2 : 2 + n_merge], kv_indices,
         n_items, work.num_partials, prefix_block_m, suffix_block_m_for(gqa_group_size),
@@ -212,10 +220,7 @@ class StaticPlanBuffers:
         if n_items > self.max_items or n_tokens > self.max_tokens or work.num_partials > num_partials:
             raise ValueError(f"plan of {n_items} items, {n_tokens} tokens, {work.num_partials} partials "
                              f"exceeds capacity {self.max_items} items, {self.max_tokens} tokens, {num_partials} partials")
-        host = torch.from_numpy(_host_table(work, self.max_tokens + 1))
-        if self.flat.device.type == "cuda":
-            host = host.pin_memory()
-        self.flat[: host.numel()].copy_(host, non_blocking=True)
+        copy_host_into(self.flat, torch.from_numpy(_host_table(work, self.max_tokens + 1)))
         return PackedCascadePlan(self.items, self.counts, self.merge_indptr, self.kv_indices, n_items,
                                  num_partials, prefix_block_m, suffix_block_m_for(gqa_group_size), num_programs)
 

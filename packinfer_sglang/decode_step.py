@@ -22,7 +22,7 @@ import torch
 
 from .grouping import DecodeGroups
 from .kernels import PackedCascadePlan, gather_kv_indices, make_plan, plan_work, run_packed_cascade
-from .kernels.packed_cascade import BLOCK_N, PREFIX_BLOCK_M, StaticPlanBuffers, host_to_device
+from .kernels.packed_cascade import BLOCK_N, PREFIX_BLOCK_M, StaticPlanBuffers, copy_host_into, host_to_device
 
 
 class DecodeStep(NamedTuple):
@@ -147,7 +147,7 @@ def build_decode_step(
     plan = graph.plan.write(work, gqa, graph.num_programs, graph.num_partials(padded_bs))
     perm = np.arange(padded_bs, dtype=np.int64)
     perm[:num_tokens] = groups.order
-    graph.perm[:padded_bs].copy_(_to_device(perm, dev), non_blocking=True)
+    copy_host_into(graph.perm, torch.from_numpy(perm))
     return DecodeStep(plan, graph.perm[:padded_bs], groups)
 
 
