@@ -196,7 +196,9 @@ def run_unit(args, ctx: dict, unit: Unit, bp: BackendPlan, proc, runner) -> dict
     if proc.poll() is not None:
         row.update(status="server_died", server_exit_code=proc.returncode,
                    server_log_tail=procs.tail_lines(ctx["server_log"], LOG_TAIL_LINES))
-    scan = report.scan_server_log(procs.read_from(ctx["server_log"], log_start))
+    log_text = procs.read_from(ctx["server_log"], log_start)
+    scan = report.scan_server_log(log_text)
+    row.update(report.steady_decode(log_text))
     row["log_has_traceback"] = scan["log_has_traceback"]
     if bp.backend.partition(":")[0] == PACKINFER:
         row["log_tail"] = scan["log_tail"]

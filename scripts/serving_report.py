@@ -11,6 +11,8 @@ invocations into one ``--out-dir`` (one per backend, say) end in one report; a l
 from __future__ import annotations
 
 import json
+import re
+import statistics
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -38,7 +40,7 @@ TABLE_COLUMNS = (
     ("TTFT p50 ms", "median_ttft_ms", "{:.1f}"), ("TTFT p99 ms", "p99_ttft_ms", "{:.1f}"),
     ("ITL p50 ms", "median_itl_ms", "{:.2f}"), ("ITL p99 ms", "p99_itl_ms", "{:.2f}"),
     ("E2E p50 ms", "median_e2e_latency_ms", "{:.0f}"), ("E2E p99 ms", "p99_e2e_latency_ms", "{:.0f}"),
-    ("traceback", "log_has_traceback", "{}"),
+    ("steady decode tok/s", "steady_decode_tok_s", "{:.0f}"), ("traceback", "log_has_traceback", "{}"),
 )
 
 
@@ -70,6 +72,23 @@ def scan_server_log(text: str, last: int = PACKINFER_LOG_LINES) -> dict:
     hits = [line[:400] for line in text.splitlines()
             if line.split("] ", 1)[-1].lstrip().startswith(LOG_LINE_PREFIX)]
     return {"log_tail": hits[-last:], "log_has_traceback": "Traceback" in text}
+
+
+_DECODE_LINE = re.compile(r"Decode batch, #running-req: (\d+),.*gen throughput \(token/s\): ([\d.]+)")
+
+
+def steady_decode(text: str) -> dict:
+    """Steady decode rate from SGLang's "Decode batch" log lines: the median ``gen throughput``
+    (tokens/s) over the lines at the largest ``#running-req``, skipping the first such line (it
+    spans the ramp from prefill). Keys ``steady_decode_tok_s``, ``steady_decode_batch``,
+    ``steady_decode_lines`` (None, None, 0 without such lines)."""
+    lines = [(int(m[1]), float(m[2])) for m in _DECODE_LINE.finditer(text)]
+    if not lines:
+        return {"steady_decode_tok_s": None, "steady_decode_batch": None, "steady_decode_lines": 0}
+    batch = max(b for b, _ in lines)
+    rates = [r for b, r in lines if b == batch][1:] or [r for b, r in lines if b == batch]
+    return {"steady_decode_tok_s": statistics.median(rates), "steady_decode_batch": batch,
+            "steady_decode_lines": len(rates)}
 
 
 def is_baseline(backend: str, baselines: tuple[str, ...] | None) -> bool:

@@ -688,3 +688,22 @@ def test_quick_plan_fits_nine_minutes_and_deadline_skips(tiny, tmp_path, capsys)
     text = capsys.readouterr().out
     assert "deadline: server not started" in text and not (tmp_path / "rows").exists()
     assert "skipped for the deadline" in text and "flashinfer/no-sharing" in text
+
+
+def test_steady_decode_median_at_full_batch_skips_the_ramp_line():
+    line = "[t] Decode batch, #running-req: {b}, #token: 1, token usage: 0.1, cuda graph: True, gen throughput (token/s): {r}, #queue-req: 0"
+    text = "\n".join(line.format(b=b, r=r) for b, r in [(1, 5.0), (8, 100.0), (8, 10.0), (8, 30.0), (8, 20.0), (4, 9.0)])
+    assert report.steady_decode(text) == {"steady_decode_tok_s": 20.0, "steady_decode_batch": 8, "steady_decode_lines": 3}
+    assert report.steady_decode("no such lines")["steady_decode_lines"] == 0
+
+
+def test_steady_decode_script_reads_committed_excerpts(tmp_path):
+    import steady_decode
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    out = tmp_path / "s.json"
+    steady_decode.main([str(root / "serving_anchors_h100.json"), str(root / "serving_h100_log_excerpts.txt"),
+                        "--out", str(out)])
+    rows = {r["backend"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"triton", "packinfer-eager", "flashinfer"}
+    assert all(r["steady_decode_batch"] == 256 and r["steady_decode_lines"] == 24 for r in rows.values())

@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Steady decode rates of committed serving runs, from their server-log excerpts (CPU only).
+
+An excerpt file holds one ``## <backend>`` (or ``### <backend>``) section of SGLang server-log
+lines per backend; each section is read with :func:`serving_report.steady_decode` and paired with
+the GPU and versions of the run's JSON.
+
+    python scripts/steady_decode.py benchmarks/results/serving_anchors_h100.json \\
+        benchmarks/results/serving_h100_log_excerpts.txt --out benchmarks/results/x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serving_report as report  # noqa: E402
+
+
+def sections(text: str) -> dict[str, str]:
+    """``{backend: its lines}`` of an excerpt file (headings ``## name:``/``### name``)."""
+    out, name = {}, None
+    for line in text.splitlines(keepends=True):
+        m = re.match(r"^#{2,3} ([\w.:-]+?):?(\s|$)", line)
+        if m:
+            name = m[1]
+            out.setdefault(name, "")
+        elif name:
+            out[name] += line
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run_json", type=Path, help="the run's serving JSON (its environment is copied)")
+    p.add_argument("excerpts", type=Path, help="server-log excerpt file of the same run")
+    p.add_argument("--backends", default=None, help="comma-separated sections to keep (default: all with lines)")
+    p.add_argument("--out", type=Path, required=True, help="JSON to write")
+    args = p.parse_args(argv)
+    run = json.loads(args.run_json.read_text())
+    keep = args.backends.split(",") if args.backends else None
+    rows = [{"backend": name, **report.steady_decode(text)} for name, text in sections(args.excerpts.read_text()).items()
+            if keep is None or name in keep]
+    out = {"environment": run["environment"], "run": args.run_json.name, "log_excerpts": args.excerpts.name,
+           "method": report.steady_decode.__doc__.split("\n\n")[0].replace("\n", " "), "rows": rows}
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    for r in rows:
+        print(f"{r['backend']:20s} {r['steady_decode_tok_s']} tok/s at batch {r['steady_decode_batch']} "
+              f"({r['steady_decode_lines']} lines)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
