@@ -18,6 +18,7 @@ log.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -31,6 +32,7 @@ from .plan import ITEM_FIELDS, WorkPlan, plan_work
 
 PREFIX_BLOCK_M = 64
 BLOCK_N = 64
+NUM_STAGES = 3  # software-pipelined KV loads; 2 ran 25-30% slower on H100 (benchmarks/NOTES.md)
 
 
 @triton.jit
@@ -100,26 +102,50 @@ def _packed_attn_partial_kernel(
     stride_pr, stride_ph, stride_lr,
     GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PREFIX_BLOCK_M: tl.constexpr, SUFFIX_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """Prefix items (``PREFIX_BLOCK_M`` rows: a group's requests x GQA) then suffix items
     (``SUFFIX_BLOCK_M`` rows: one request x GQA), all in one launch. ``Counts`` holds
-    ``(num_items, num_prefix_items)`` in device memory, so a CUDA graph captured with a fixed grid
-    replays any plan: program ``p`` runs items ``p, p + num_programs, ...``."""
+    ``(num_items, num_prefix_items)`` in device memory. ``PERSISTENT``: a fixed grid (CUDA graphs)
+    replays any plan, program ``p`` running items ``p, p + num_programs, ...``; otherwise program
+    ``p`` runs item ``p`` (one program per item, straight-line code)."""
     kv_head = tl.program_id(1)
-    num_items = tl.load(Counts)
     num_prefix_items = tl.load(Counts + 1)
-    for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
-        if item < num_prefix_items:
-            _attend_item(Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial,
-                         item, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
-                         stride_vt, stride_vh, stride_pr, stride_ph, stride_lr,
-                         GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, BLOCK_N, DOT_FP32)
-        else:
-            _attend_item(Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial,
-                         item, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
-                         stride_vt, stride_vh, stride_pr, stride_ph, stride_lr,
-                         GQA, HEAD_DIM, BLOCK_D, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32)
+    if PERSISTENT:
+        num_items = tl.load(Counts)
+        for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
+            _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial,
+                        item, num_prefix_items, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt,
+                        stride_kh, stride_vt, stride_vh, stride_pr, stride_ph, stride_lr,
+                        GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32)
+    else:
+        _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial,
+                    tl.program_id(0), num_prefix_items, kv_head, sm_scale_log2, stride_qt, stride_qh,
+                    stride_kt, stride_kh, stride_vt, stride_vh, stride_pr, stride_ph, stride_lr,
+                    GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32)
+
+
+@triton.jit
+def _attend_any(
+    Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial,
+    item, num_prefix_items, kv_head, sm_scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_pr, stride_ph, stride_lr,
+    GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREFIX_BLOCK_M: tl.constexpr, SUFFIX_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """A prefix item (``item < num_prefix_items``) or a suffix item, each with its tile height."""
+    if item < num_prefix_items:
+        _attend_item(Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial,
+                     item, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
+                     stride_vt, stride_vh, stride_pr, stride_ph, stride_lr,
+                     GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, BLOCK_N, DOT_FP32)
+    else:
+        _attend_item(Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial,
+                     item, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
+                     stride_vt, stride_vh, stride_pr, stride_ph, stride_lr,
+                     GQA, HEAD_DIM, BLOCK_D, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32)
 
 
 class PackedCascadePlan(NamedTuple):
@@ -146,6 +172,43 @@ def num_sms_of(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+def default_num_warps(prefix_block_m: int, head_dim: int) -> int:
+    """Warps of the partial kernel: 4 for prefix tiles up to 64 x 128, else 8."""
+    return 4 if prefix_block_m * head_dim <= 64 * 128 else 8
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_occupancy(
+    device: torch.device, dtype: torch.dtype, head_dim: int, gqa_group_size: int, *,
+    prefix_block_m: int = PREFIX_BLOCK_M, block_n: int = BLOCK_N, num_warps: int | None = None,
+    num_stages: int = NUM_STAGES, persistent: bool = False,
+) -> int:
+    """Programs of the partial kernel resident at once on one multiprocessor (registers, shared
+    memory, threads), from the compiled kernel for this configuration (compiled here if needed);
+    2 off CUDA. The planner balances items over ``num_sms * occupancy`` program slots."""
+    if device.type != "cuda":
+        return 2
+    num_warps = num_warps or default_num_warps(prefix_block_m, head_dim)
+    q = torch.zeros(16, gqa_group_size, head_dim, dtype=dtype, device=device)
+    kv = torch.zeros(16, 1, head_dim, dtype=dtype, device=device)
+    i32 = torch.zeros(16, dtype=torch.int32, device=device)
+    f32 = torch.zeros(16, gqa_group_size, head_dim, dtype=torch.float32, device=device)
+    compiled = _packed_attn_partial_kernel.warmup(
+        q, kv, kv, i32, i32, i32, i32, f32, f32[:, :, 0], 1.0, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1),
+        kv.stride(0), kv.stride(1), f32.stride(0), f32.stride(1), 16 * gqa_group_size,
+        GQA=gqa_group_size, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        PREFIX_BLOCK_M=prefix_block_m, SUFFIX_BLOCK_M=suffix_block_m_for(gqa_group_size), BLOCK_N=block_n,
+        DOT_FP32=False, PERSISTENT=persistent, num_warps=num_warps, num_stages=num_stages, grid=(1, 1),
+    )
+    compiled._init_handles()
+    props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
+    regs_per_warp = -(-compiled.n_regs * 32 // 256) * 256
+    by_regs = props["max_num_regs"] // (regs_per_warp * num_warps)
+    by_smem = (props["max_shared_mem"] + 1024) // (compiled.metadata.shared + 1024)
+    by_threads = 2048 // (32 * num_warps)
+    return max(1, min(by_regs, by_smem, by_threads, 32))
 
 
 def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -233,20 +296,29 @@ def plan_packed_cascade(
     suffix_kv_indices: torch.Tensor,
     num_qo_heads: int,
     num_kv_heads: int,
+    *,
+    head_dim: int | None = None,
+    dtype: torch.dtype | None = None,
+    prefix_block_m: int = PREFIX_BLOCK_M,
     **plan_kwargs,
 ) -> PackedCascadePlan:
     """Plans one decode step (host work; copies the indptr arrays to the host if they are on a GPU,
-    which synchronizes). ``plan_kwargs`` go to :func:`.plan.plan_work`."""
+    which synchronizes). ``plan_kwargs`` go to :func:`.plan.plan_work`; its ``waves`` defaults to
+    :func:`kernel_occupancy` of the default launch when ``head_dim`` and ``dtype`` (of the KV) are
+    given, else 2."""
     gqa = num_qo_heads // num_kv_heads
-    plan_kwargs.setdefault("num_sms", num_sms_of(prefix_kv_indices.device))
+    device = prefix_kv_indices.device
+    plan_kwargs.setdefault("num_sms", num_sms_of(device))
+    if "waves" not in plan_kwargs and head_dim is not None and dtype is not None:
+        plan_kwargs["waves"] = kernel_occupancy(device, dtype, head_dim, gqa, prefix_block_m=prefix_block_m)
+    plan_kwargs.setdefault("kv_align", BLOCK_N)
     work = plan_work(
         group_indptr.cpu().numpy(), prefix_kv_indptr.cpu().numpy(), suffix_kv_indptr.cpu().numpy(),
-        gqa_group_size=gqa, num_kv_heads=num_kv_heads, prefix_block_m=PREFIX_BLOCK_M,
-        kv_align=BLOCK_N, **plan_kwargs,
+        gqa_group_size=gqa, num_kv_heads=num_kv_heads, prefix_block_m=prefix_block_m, **plan_kwargs,
     )
     kv_indices = torch.cat([prefix_kv_indices[: int(prefix_kv_indptr[-1])],
                             suffix_kv_indices[: int(suffix_kv_indptr[-1])]]).to(torch.int32)
-    return make_plan(work, kv_indices, gqa)
+    return make_plan(work, kv_indices, gqa, prefix_block_m)
 
 
 def run_packed_cascade(
@@ -260,7 +332,7 @@ def run_packed_cascade(
     *,
     block_n: int = BLOCK_N,
     num_warps: int | None = None,
-    num_stages: int = 2,
+    num_stages: int = NUM_STAGES,
 ) -> None:
     """Runs a planned step for one layer, writing ``out`` (and ``lse``) in place. Inputs unchecked:
     :func:`packed_cascade_attention` validates them. Rows of ``out`` past the plan's requests (padding
@@ -282,8 +354,8 @@ def run_packed_cascade(
             o_partial.stride(0), o_partial.stride(1), lse_partial.stride(0),
             GQA=gqa, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
             PREFIX_BLOCK_M=plan.prefix_block_m, SUFFIX_BLOCK_M=plan.suffix_block_m, BLOCK_N=block_n,
-            DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16,
-            num_warps=num_warps or (4 if plan.prefix_block_m * head_dim <= 64 * 128 else 8), num_stages=num_stages,
+            DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16, PERSISTENT=plan.num_programs is not None,
+            num_warps=num_warps or default_num_warps(plan.prefix_block_m, head_dim), num_stages=num_stages,
         )
     merge_partials(o_partial, lse_partial, plan.merge_indptr, out, lse)
 
@@ -340,7 +412,8 @@ def packed_cascade_attention(
     num_tokens, num_qo_heads, head_dim = q.shape
     if plan is None:
         plan = plan_packed_cascade(group_indptr, prefix_kv_indptr, prefix_kv_indices, suffix_kv_indptr,
-                                   suffix_kv_indices, num_qo_heads, k_buffer.shape[1])
+                                   suffix_kv_indices, num_qo_heads, k_buffer.shape[1], head_dim=head_dim,
+                                   dtype=k_buffer.dtype)
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(num_tokens, num_qo_heads, dtype=torch.float32, device=q.device) if return_lse else None
     run_packed_cascade(q, k_buffer, v_buffer, plan, sm_scale, out, lse)

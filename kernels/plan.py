@@ -46,11 +46,48 @@ def _ceil_div(a, b):
     return -(-a // b)
 
 
-def _chunk_len(total_kv: int, num_kv_heads: int, target_ctas: int, lo: int, align: int) -> int:
-    """KV tokens per item so that ``items x num_kv_heads`` is about ``target_ctas``."""
-    want_items = max(1, target_ctas // max(1, num_kv_heads))
-    chunk = max(lo, _ceil_div(max(total_kv, 1), want_items))
-    return _ceil_div(chunk, align) * align
+# Per-item costs of the balanced planner, in KV tokens of one head (K + V: 4 * head_dim bytes):
+# a fixed cost (program start, query load, pipeline fill) and the float32 partial state of each
+# query row, written by the item and read back by the merge (8 * head_dim bytes = 2 tokens).
+ITEM_OVERHEAD_TOKENS = 32
+PARTIAL_ROW_TOKENS = 2
+_MAX_SPLITS = 16  # candidate chunk lengths per item kind: the longest span cut into 1..16 pieces
+
+
+def _chunk_candidates(span_lens: np.ndarray, lo: int, align: int) -> np.ndarray:
+    """Chunk lengths worth trying: the longest span cut into ``1.._MAX_SPLITS`` equal pieces,
+    rounded up to ``align``, at least ``lo``."""
+    longest = int(span_lens.max()) if len(span_lens) else align
+    pieces = _ceil_div(longest, np.arange(1, _MAX_SPLITS + 1))
+    return np.unique(np.maximum(lo, _ceil_div(pieces, align) * align))[::-1]  # longest first
+
+
+def _kind_costs(span_lens: np.ndarray, chunks: np.ndarray, rows: np.ndarray):
+    """For each candidate chunk: number of items, their total cost and the largest item's cost."""
+    n = _ceil_div(span_lens[:, None], chunks[None, :])  # [spans, candidates]
+    item_cost = ITEM_OVERHEAD_TOKENS + PARTIAL_ROW_TOKENS * rows[:, None]
+    total = (span_lens[:, None] + n * item_cost).sum(0)
+    largest = (np.minimum(chunks[None, :], span_lens[:, None]) + item_cost).max(0, initial=0)
+    return n.sum(0), total, largest
+
+
+def _balanced_chunks(prefix_lens, prefix_rows, suffix_lens, suffix_rows, slots: int, align: int):
+    """Prefix and suffix chunk lengths minimizing the estimated time of one launch.
+
+    Every KV head runs the same items on ``slots`` program slots (``num_sms * waves /
+    num_kv_heads``). For a pair of chunk lengths the estimate is ``max(largest item, ceil(items /
+    slots) * mean item)``: whole rounds of items, so 64 equal items on 49 slots cost two rounds
+    where 192 thirds of them cost four rounds of a third (FlashInfer's split-KV scheduler makes the
+    same trade with a binary search over chunk sizes)."""
+    cp = _chunk_candidates(prefix_lens, 2 * align, align)
+    cs = _chunk_candidates(suffix_lens, align, align)
+    np_, tp, mp = _kind_costs(prefix_lens, cp, prefix_rows)
+    ns, ts, ms = _kind_costs(suffix_lens, cs, suffix_rows)
+    n = np_[:, None] + ns[None, :]
+    total = tp[:, None] + ts[None, :]
+    est = np.maximum(np.maximum(mp[:, None], ms[None, :]), _ceil_div(n, slots) * total / np.maximum(n, 1))
+    i, j = np.unravel_index(np.argmin(est), est.shape)  # first minimum: the longest chunks among ties
+    return int(cp[i]), int(cs[j])
 
 
 def _items(qo_start, qo_len, kv_start, kv_len, chunk, slot_base):
@@ -94,7 +131,8 @@ def plan_work(
         num_kv_heads: KV heads; each item runs once per KV head (the grid's second axis).
         prefix_block_m: query rows of a prefix tile; a prefix item holds
             ``max(1, prefix_block_m // gqa_group_size)`` requests.
-        num_sms, waves: the chunk lengths aim at ``num_sms * waves`` programs per launch.
+        num_sms, waves: ``num_sms * waves`` programs run at once (``waves``: resident programs per
+            multiprocessor, the kernel's occupancy); chunk lengths balance the items over them.
         prefix_chunk, suffix_chunk: fixed KV chunk lengths in tokens (``None``: chosen as above).
         kv_align: chunk lengths are multiples of this (the kernel's ``BLOCK_N``).
         max_items, max_partials: capacities (CUDA-graph buffers); chunks are doubled until the
@@ -151,18 +189,19 @@ def _plan_once(group_indptr, prefix_kv_indptr, suffix_kv_indptr, gqa_group_size,
     span_block = np.arange(int(blocks.sum())) - np.repeat(np.cumsum(blocks) - blocks, blocks)
     span_qo_start = gi[span_group] + span_block * tokens_per_block
     span_qo_len = np.minimum(tokens_per_block, gi[span_group + 1] - span_qo_start)
-    if prefix_chunk is None:
-        prefix_chunk = _chunk_len(int((prefix_lens * blocks).sum()), num_kv_heads, target_ctas,
-                                  lo=2 * kv_align, align=kv_align)
+    suffix_tok = np.flatnonzero(suffix_lens > 0)
+    if prefix_chunk is None or suffix_chunk is None:
+        auto_p, auto_s = _balanced_chunks(prefix_lens[span_group], span_qo_len * gqa_group_size,
+                                          suffix_lens[suffix_tok], np.full(len(suffix_tok), gqa_group_size),
+                                          max(1, target_ctas // max(1, num_kv_heads)), kv_align)
+        prefix_chunk = auto_p if prefix_chunk is None else prefix_chunk
+        suffix_chunk = auto_s if suffix_chunk is None else suffix_chunk
     prefix_items = _items(span_qo_start, span_qo_len, pi[span_group], prefix_lens[span_group],
                           prefix_chunk, np.zeros_like(span_group))
 
     # Suffix spans: one per request with a non-empty suffix; slots follow its group's prefix chunks.
     n_prefix_chunks = np.where(has_prefix, _ceil_div(prefix_lens, prefix_chunk), 0)[token_group]
-    if suffix_chunk is None:
-        suffix_chunk = _chunk_len(int(suffix_lens.sum()), num_kv_heads, target_ctas,
-                                  lo=kv_align, align=kv_align)
-    tok = np.flatnonzero(suffix_lens > 0)
+    tok = suffix_tok
     suffix_items = _items(tok, np.ones_like(tok), int(pi[-1]) + si[tok], suffix_lens[tok],
                           suffix_chunk, n_prefix_chunks[tok])
 

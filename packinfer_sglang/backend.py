@@ -28,7 +28,7 @@ from .config import get_config
 from .decode_step import DecodeStep, GraphBuffers, build_decode_step, run_decode_step
 from .grouping import ungrouped
 from .kernels.checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
-from .kernels.packed_cascade import num_sms_of
+from .kernels.packed_cascade import kernel_occupancy, num_sms_of
 from .radix_cache import current_cache
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class PackInferAttnBackend(TritonAttnBackend):
         super().__init__(model_runner)
         self.config = get_config()
         self.num_sms = num_sms_of(torch.device(self.device))
+        self._waves: dict[bool, int] = {}  # kernel occupancy, by persistent (graphs) or not
         self._step: DecodeStep | None = None
         self._triton_ready = True  # whether TritonAttnBackend's metadata matches this batch
         self._batch = None
@@ -66,7 +67,7 @@ class PackInferAttnBackend(TritonAttnBackend):
             groups = groups or ungrouped(forward_batch.batch_size)
             self._step = build_decode_step(
                 groups, forward_batch.seq_lens_cpu, forward_batch.req_pool_indices, self.req_to_token,
-                self.num_head, self.num_kv_head, self.num_sms,
+                self.num_head, self.num_kv_head, self.num_sms, waves=self._occupancy(False),
             )
             self._log_step(forward_batch.batch_size)
             if not self._verify_this_step():
@@ -77,7 +78,8 @@ class PackInferAttnBackend(TritonAttnBackend):
     def init_cuda_graph_state(self, max_bs, max_num_tokens, *args, **kwargs):
         super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
         dev = torch.device(self.device)
-        self._graph = GraphBuffers(max_num_tokens, self.max_context_len, self.num_kv_head, self.num_sms, dev)
+        self._graph = GraphBuffers(max_num_tokens, self.max_context_len, self.num_kv_head, self.num_sms, dev,
+                                   waves=self._occupancy(True))
         if self.config.verify:
             self._graph_errs = torch.zeros(_MAX_LAYERS, dtype=torch.float32, device=dev)
             self._graph_rows = torch.zeros(max_num_tokens, 1, dtype=torch.float32, device=dev)
@@ -107,6 +109,17 @@ class PackInferAttnBackend(TritonAttnBackend):
             self._errs_pending = not in_capture
         if not in_capture:
             self._log_step(raw_bs)
+
+    def _occupancy(self, persistent: bool) -> int:
+        """Resident programs per multiprocessor of the packed kernel for this model (compiled once)."""
+        if persistent not in self._waves:
+            pool = self.token_to_kv_pool
+            self._waves[persistent] = kernel_occupancy(
+                torch.device(self.device), pool.dtype, getattr(pool, "head_dim", self.v_head_dim),
+                self.num_head // self.num_kv_head, persistent=persistent)
+            logger.info("packinfer: kernel occupancy %d programs per SM (%s)", self._waves[persistent],
+                        "CUDA graphs" if persistent else "eager")
+        return self._waves[persistent]
 
     def _take_groups(self, seq_lens_cpu, batch_size):
         cache = current_cache()

@@ -63,17 +63,18 @@ class GraphBuffers:
     ``kv_indices`` (:class:`StaticPlanBuffers`), the row permutation, and a fixed grid of
     ``num_programs`` x ``num_kv_heads`` programs that loop over however many items a step has.
     Partial states get ``PARTIALS_PER_REQUEST`` rows per (padded) request; plans are coarsened to fit.
+    ``waves``: resident programs per multiprocessor (the persistent kernel's occupancy), so
+    ``num_programs * num_kv_heads`` fills the GPU once.
     """
 
     PARTIALS_PER_REQUEST = 16
-    WAVES = 2
 
     def __init__(self, max_bs: int, max_context_len: int, num_kv_heads: int, num_sms: int,
-                 device: torch.device):
-        self.max_bs = max_bs
-        self.plan = StaticPlanBuffers(max_bs, 8 * (max_bs + num_sms), max_bs * max_context_len, device)
+                 device: torch.device, waves: int = 2):
+        self.max_bs, self.waves = max_bs, waves
+        self.plan = StaticPlanBuffers(max_bs, 8 * (max_bs + num_sms * waves), max_bs * max_context_len, device)
         self.perm = torch.arange(max_bs, dtype=torch.int64, device=device)
-        self.num_programs = max(1, num_sms * self.WAVES // num_kv_heads)
+        self.num_programs = max(1, num_sms * waves // num_kv_heads)
 
     def num_partials(self, padded_bs: int) -> int:
         return padded_bs * self.PARTIALS_PER_REQUEST
@@ -105,6 +106,7 @@ def build_decode_step(
     num_sms: int,
     graph: GraphBuffers | None = None,
     padded_bs: int | None = None,
+    waves: int = 2,
 ) -> DecodeStep:
     """Builds a step's plan.
 
@@ -115,6 +117,8 @@ def build_decode_step(
         req_to_token: ``[num_req_slots, max_context_len]`` int32 position→slot table (device).
         num_qo_heads, num_kv_heads: attention heads of this rank.
         num_sms: multiprocessors, for the chunk sizes of the work plan.
+        waves: resident programs per multiprocessor (:func:`~.kernels.packed_cascade.kernel_occupancy`)
+            for eager steps; graph steps use ``graph.waves``.
         graph: write the plan into these CUDA-graph buffers instead of fresh tensors; then
             ``padded_bs`` (>= ``num_tokens``) is the captured batch size whose extra rows are padding.
 
@@ -140,7 +144,7 @@ def build_decode_step(
     limits = {} if graph is None else dict(max_items=graph.plan.max_items, max_partials=graph.num_partials(padded_bs))
     work = plan_work(groups.group_indptr, prefix_indptr, suffix_indptr, gqa_group_size=gqa,
                      num_kv_heads=num_kv_heads, prefix_block_m=PREFIX_BLOCK_M, num_sms=num_sms,
-                     kv_align=BLOCK_N, **limits)
+                     waves=waves if graph is None else graph.waves, kv_align=BLOCK_N, **limits)
     if graph is None:
         perm = None if groups.is_identity else _to_device(groups.order, dev)
         return DecodeStep(make_plan(work, kv_indices, gqa), perm, groups)
