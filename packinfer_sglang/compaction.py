@@ -38,6 +38,10 @@ Ordering with SGLang's overlap scheduler (proposal in ``patches/compaction_hook.
 
 Decisions use only deterministic inputs (node ids, request ids, slot ids, lengths), so every
 tensor-parallel rank relocates identically; each rank copies its own heads.
+
+Tokens decoded after a relocation are placed by :mod:`.placement` (when on): inside
+``prepare_for_decode``, after step 1, the free list is reordered so that each request's next page
+comes from a run reserved for it; a relocation forces those reservations to be re-planned.
 """
 
 from __future__ import annotations

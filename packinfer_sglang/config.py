@@ -18,8 +18,12 @@ environment variables reach every rank; ``packinfer serve`` sets them from its f
 | ``PACKINFER_COMPACT_MIN_GAIN`` | 1.0 | relocate only if bytes saved >= this × bytes copied |
 | ``PACKINFER_COMPACT_GATHER_PENALTY`` | 0.0 | extra fraction of a token's K/V bytes an index gather costs |
 | ``PACKINFER_COMPACT_MAX_TOKENS`` | 65536 | tokens copied per plan at most (bounds the stall) |
+| ``PACKINFER_COMPACT_PLACE`` | 1 | with compaction on, put decode tokens next to their request's tail |
+| ``PACKINFER_COMPACT_PLACE_EVERY`` | 8 | decode steps between placement refreshes (host reads) at most |
 
-The compaction cost rule is :mod:`packinfer_sglang.compaction_plan`'s docstring.
+The compaction cost rule is :mod:`packinfer_sglang.compaction_plan`'s docstring; the placement
+policy is :mod:`packinfer_sglang.placement`'s. Placement follows ``PACKINFER_COMPACT``: it runs only
+when compaction is on, unless ``PACKINFER_COMPACT_PLACE=0`` turns it off there.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ class PackInferConfig:
     compact_min_gain: float = 1.0
     compact_gather_penalty: float = 0.0
     compact_max_tokens: int = 65536
+    compact_place: bool = True
+    compact_place_every: int = 8
 
     def __post_init__(self):
         if self.min_prefix_tokens < 1:
@@ -61,12 +67,17 @@ class PackInferConfig:
             raise ValueError(f"verify_every must be >= 1, got {self.verify_every}")
         if self.log_every < 0:
             raise ValueError(f"log_every must be >= 0, got {self.log_every}")
-        for name in ("compact_every", "compact_horizon", "compact_max_tokens"):
+        for name in ("compact_every", "compact_horizon", "compact_max_tokens", "compact_place_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.compact_min_gain <= 0 or self.compact_gather_penalty < 0:
             raise ValueError(f"compact_min_gain must be > 0 and compact_gather_penalty >= 0, got "
                              f"{self.compact_min_gain}, {self.compact_gather_penalty}")
+
+    @property
+    def place(self) -> bool:
+        """Whether decode tokens are placed next to their request's tail (compaction on and placement on)."""
+        return self.compact and self.compact_place
 
 
 def _parse(name: str, raw: str, typ):

@@ -41,6 +41,9 @@ def register() -> None:
 
         HookRegistry.register(compaction_hook.BEFORE_TARGET, compaction_hook.plan_and_relocate, HookType.BEFORE)
         HookRegistry.register(compaction_hook.AFTER_TARGET, compaction_hook.launch_copies, HookType.AFTER)
+        if get_config().place:  # new decode tokens next to their request's tail
+            HookRegistry.register(compaction_hook.PLACE_TARGET, compaction_hook.place_decode_tokens,
+                                  HookType.BEFORE)
     _registered = True
     logger.info("packinfer: registered attention backend and radix cache backend %r", NAME)
 

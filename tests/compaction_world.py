@@ -1,5 +1,7 @@
 """A small SGLang scheduler on CPU for compaction tests: SGLang's real RadixCache (ours), real
-allocators, ReqToTokenPool and MHATokenToKVPool, driven the way the scheduler drives them.
+allocators, ReqToTokenPool and MHATokenToKVPool, driven the way the scheduler drives them. Decode
+slots come from SGLang's own ``alloc_for_decode`` (paged: its Triton ``alloc_decode_kernel`` in the
+interpreter), optionally after the placement policy reordered the free list (``place=True``).
 
 KV content is an oracle: the K/V of position ``p`` of a token sequence is a function of a rolling
 hash of ``tokens[:p + 1]`` (small integers, exact in fp16), so equal prefixes hold equal KV, as in
@@ -12,6 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from sglang.srt.mem_cache.allocation import alloc_for_decode
 from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator, TokenToKVPoolAllocator
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, MatchPrefixParams
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
@@ -21,6 +24,7 @@ from sglang.srt.mem_cache.radix_cache import RadixKey
 from packinfer_sglang.compaction import Relocator
 from packinfer_sglang.compaction_plan import CostModel
 from packinfer_sglang.config import PackInferConfig
+from packinfer_sglang.placement import Placer, group_rows
 from packinfer_sglang.pool_integrity import check_pool_integrity
 from packinfer_sglang.radix_cache import PackInferRadixCache
 
@@ -66,7 +70,8 @@ class SimReq:
 
 class World:
     def __init__(self, page_size: int, num_pages: int, need_sort=False, min_prefix_tokens=8, min_gain=1e-9,
-                 max_tokens=1 << 20, max_reqs=24, max_context=320, chunk_tokens=None):
+                 max_tokens=1 << 20, max_reqs=24, max_context=320, chunk_tokens=None, place=False,
+                 place_every=1, horizon=256):
         size = num_pages * page_size
         self.ps = page_size
         self.kv = MHATokenToKVPool(size, page_size, DTYPE, KV_HEADS, HEAD_DIM, LAYERS, "cpu", False,
@@ -82,6 +87,9 @@ class World:
         cost = CostModel(LAYERS, KV_HEADS, HEAD_DIM, 2, gqa_group_size=4, chunk_tokens=chunk_tokens or 2 * page_size,
                          min_gain=min_gain)
         self.relocator = Relocator(self.cache, cost, max_tokens)
+        self.placer = Placer(self.alloc, self.rtp.req_to_token, place_every) if place else None
+        self.horizon = horizon
+        self.before_alloc = None
         self.running: list[SimReq] = []
         self.next_rid, self.moved_tokens = 0, 0
 
@@ -125,24 +133,33 @@ class World:
         return req
 
     def prepare_decode(self) -> list:
-        """SGLang's ``prepare_for_decode``: a slot per running request for its last token (paged: next to
-        its last slot inside a page). Returns ``(req, position, slot)`` for the forward."""
-        out = []
-        for req in list(self.running):
-            pos = req.kv.kv_allocated_len
-            row = self.rtp.req_to_token[req.req_pool_idx]
-            if pos % self.ps == 0:
-                page = self._alloc(1)
-                if page is None:
-                    self.finish(req, abort=True)  # SGLang would retract; leaving is enough here
-                    continue
-                slot = int(page[0])
-            else:
-                slot = int(row[pos - 1]) + 1
-            row[pos] = slot
-            req.kv.kv_allocated_len = pos + 1
-            out.append((req, pos, slot))
-        return out
+        """SGLang's ``prepare_for_decode``: retracts (here: aborts) the newest requests while the pool
+        cannot hold a page per request, as ``check_decode_mem`` does, places (``place=True``), then
+        SGLang's ``alloc_for_decode``. Returns ``(req, position, slot)`` for the forward."""
+        while self.running and (self.alloc.available_size() + self.cache.evictable_size_
+                                < len(self.running) * self.ps):
+            self.finish(self.running[-1], abort=True)
+        if not self.running:
+            return []
+        reqs = list(self.running)
+        lens = torch.tensor([r.kv.kv_allocated_len for r in reqs], dtype=torch.int64)
+        if self.placer is not None:
+            self.placer.place(reqs, lens.numpy(), lambda: self.plan_inputs(reqs))
+        rows = torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64)
+        batch = SimpleNamespace(reqs=reqs, seq_lens=lens, seq_lens_cpu=lens.clone(), tree_cache=self.cache,
+                                req_to_token_pool=self.rtp, token_to_kv_pool_allocator=self.alloc,
+                                req_pool_indices=rows, model_config=SimpleNamespace(is_encoder_decoder=False),
+                                maybe_evict_swa=lambda: None, spec_info=None)
+        if self.before_alloc is not None:  # a BEFORE hook on alloc_for_decode
+            self.before_alloc(batch, token_per_req=1)
+        slots = alloc_for_decode(batch, token_per_req=1).tolist()
+        return list(zip(reqs, lens.tolist(), slots))
+
+    def plan_inputs(self, reqs):
+        """Groups and expected remaining steps for a placement refresh."""
+        groups = self.cache.decode_groups(reqs, [r.kv.kv_allocated_len + 1 for r in reqs])
+        remaining = np.array([min(max(r.max_new - len(r.output_ids), 0), self.horizon) for r in reqs])
+        return group_rows(groups), remaining
 
     def forward(self, items) -> None:
         """The decode forward: writes each token's KV at the slot it was given, appends an output."""
@@ -177,6 +194,8 @@ class World:
         before = self.request_kv()
         remaining = [max(r.max_new - len(r.output_ids), 0) for r in self.running]
         plan = self.relocator.compact(self.running, groups, remaining)
+        if plan.moves and self.placer is not None:
+            self.placer.invalidate()
         self.check()  # between relocate and copy: ownership already consistent
         if not flush:
             return plan

@@ -1,4 +1,4 @@
-"""Compaction on SGLang's real RadixCache, allocators and MHATokenToKVPool (CPU tensors).
+"""Compaction (and placement) on SGLang's real RadixCache, allocators and MHATokenToKVPool (CPU tensors).
 
 Correctness is stated against an oracle: every request's and tree node's KV equals the content a
 model would have written for its tokens (``compaction_world``), after every operation, and every
@@ -249,12 +249,17 @@ _OPS = st.one_of(
 
 
 @pytest.mark.parametrize("page_size, num_pages", [(1, 700), (16, 48)])
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=16, deadline=None)
 @given(initial=st.integers(1, 12), ops=st.lists(_OPS, min_size=8, max_size=24), seed=st.integers(0, 2**16),
-       need_sort=st.booleans(), min_gain=st.sampled_from([1e-9, 1e-9, 1.0]))
-def test_random_workloads_keep_every_request_kv(page_size, num_pages, initial, ops, seed, need_sort, min_gain):
+       need_sort=st.booleans(), min_gain=st.sampled_from([1e-9, 1e-9, 1.0]), place=st.booleans(),
+       place_every=st.sampled_from([1, 4]))
+def test_random_workloads_keep_every_request_kv(page_size, num_pages, initial, ops, seed, need_sort, min_gain,
+                                                place, place_every):
+    # place: decode tokens go through the placement policy (free-list reorder) before SGLang's
+    # alloc_for_decode; ownership and every request's KV must be unaffected by it.
     rng = random.Random(seed)
-    w = World(page_size, num_pages, need_sort=need_sort, min_gain=min_gain)
+    w = World(page_size, num_pages, need_sort=need_sort, min_gain=min_gain, place=place,
+              place_every=place_every)
     systems = [[s + 1] + [rng.randrange(1000, 50000) for _ in range(rng.randrange(8, 48))] for s in range(4)]
     start = [op for i in range(initial) for op in [("admit", rng.randrange(4), rng.randrange(1, 14), 60),
                                                    ("decode", 1)]]

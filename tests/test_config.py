@@ -22,3 +22,19 @@ def test_env_overrides():
 def test_bad_values_raise(env, match):
     with pytest.raises(ValueError, match=match):
         config_from_env(env)
+
+
+@pytest.mark.parametrize("env, place", [
+    ({}, False),  # placement follows compaction, which is off
+    ({"PACKINFER_COMPACT": "1"}, True),
+    ({"PACKINFER_COMPACT": "1", "PACKINFER_COMPACT_PLACE": "0"}, False),
+    ({"PACKINFER_COMPACT_PLACE": "1"}, False),
+])
+def test_placement_follows_compaction(env, place):
+    assert config_from_env(env).place is place
+
+
+def test_placement_refresh_period_must_be_positive():
+    assert config_from_env({"PACKINFER_COMPACT_PLACE_EVERY": "3"}).compact_place_every == 3
+    with pytest.raises(ValueError, match="compact_place_every must be >= 1"):
+        config_from_env({"PACKINFER_COMPACT_PLACE_EVERY": "0"})
