@@ -160,6 +160,21 @@ def plan_work(
 _MAX_CHUNK = 1 << 30
 
 
+def _plan_suffix_only(suffix_lens, si, gqa_group_size, slots, kv_align, suffix_chunk) -> WorkPlan:
+    """:func:`_plan_once` for a batch without prefixes (every request its own group): the same
+    items, with a fraction of the host work (it runs every decode step of unshared batches)."""
+    if suffix_chunk is None:
+        cs = _chunk_candidates(suffix_lens, kv_align, kv_align)
+        n, total, largest = _kind_costs(suffix_lens, cs, np.full(len(suffix_lens), gqa_group_size))
+        suffix_chunk = int(cs[np.argmin(np.maximum(largest, _ceil_div(n, slots) * total / n))])
+    n_chunks = _ceil_div(suffix_lens, suffix_chunk)
+    tok = np.arange(len(suffix_lens))
+    items = _items(tok, np.ones_like(tok), si[:-1], suffix_lens, suffix_chunk, np.zeros_like(tok))
+    merge_indptr = np.zeros(len(suffix_lens) + 1, dtype=np.int32)
+    np.cumsum(n_chunks, out=merge_indptr[1:])
+    return WorkPlan(np.zeros((0, ITEM_FIELDS), np.int32), items, merge_indptr, 2 * kv_align, int(suffix_chunk))
+
+
 def _plan_once(group_indptr, prefix_kv_indptr, suffix_kv_indptr, gqa_group_size, num_kv_heads, prefix_block_m,
                target_ctas, kv_align, prefix_chunk, suffix_chunk) -> WorkPlan:
     """:func:`plan_work` for given (or automatic, ``None``) chunk lengths."""
@@ -174,6 +189,9 @@ def _plan_once(group_indptr, prefix_kv_indptr, suffix_kv_indptr, gqa_group_size,
             f"group_indptr[-1] == num_tokens == {num_tokens}"
         )
     group_sizes, prefix_lens, suffix_lens = np.diff(gi), np.diff(pi), np.diff(si)
+    if pi[-1] == 0 and num_tokens and suffix_lens.min() > 0 and group_sizes.min() >= 0:  # plain decode
+        return _plan_suffix_only(suffix_lens, si, gqa_group_size, max(1, target_ctas // max(1, num_kv_heads)),
+                                 kv_align, suffix_chunk)
     if (group_sizes < 0).any() or (prefix_lens < 0).any() or (suffix_lens < 0).any():
         raise ValueError("indptr arrays must be non-decreasing")
     token_group = np.repeat(np.arange(num_groups), group_sizes)

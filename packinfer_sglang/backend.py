@@ -20,6 +20,7 @@ are all checked, the errors written on the device and read before the next step.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
@@ -55,6 +56,8 @@ class PackInferAttnBackend(TritonAttnBackend):
         self._in_graph = False  # whether self._step writes the graph buffers
         self._errs_pending = False  # a replay wrote errors not yet checked
         self._graph_layers: set[int] = set()  # layers whose errors the captured graphs write
+        self._graph_fallback = False  # a captured layer ran Triton's decode (needs its metadata)
+        self._host_us = 0.0  # host time of decode metadata, summed over steps
 
     # -- metadata -------------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch):
@@ -63,12 +66,14 @@ class PackInferAttnBackend(TritonAttnBackend):
         mode = forward_batch.forward_mode
         if (mode.is_decode() and forward_batch.spec_info is None and forward_batch.batch_size > 0
                 and forward_batch.seq_lens_cpu is not None):  # host lengths plan the step without a sync
+            start = time.perf_counter()
             groups = self._take_groups(forward_batch.seq_lens_cpu, forward_batch.batch_size)
             groups = groups or ungrouped(forward_batch.batch_size)
             self._step = build_decode_step(
                 groups, forward_batch.seq_lens_cpu, forward_batch.req_pool_indices, self.req_to_token,
                 self.num_head, self.num_kv_head, self.num_sms, waves=self._occupancy(False),
             )
+            self._host_us += (time.perf_counter() - start) * 1e6
             self._log_step(forward_batch.batch_size)
             if not self._verify_this_step():
                 self._triton_ready = False  # built lazily if a layer falls back
@@ -87,11 +92,15 @@ class PackInferAttnBackend(TritonAttnBackend):
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         """Capture: plans the capture batch into the graph buffers, so the graph records packed decode.
         Replay: plans this step's groups into the same buffers."""
-        super().init_forward_metadata_out_graph(forward_batch, in_capture)  # Triton's, for fallback layers
+        start = time.perf_counter()
+        mode = forward_batch.forward_mode
+        packed = self._graph is not None and mode.is_decode() and forward_batch.spec_info is None
+        if not packed or in_capture or self._graph_fallback or self.config.verify:
+            # Triton's buffers: read by fallback layers and verification only (layers seen at capture)
+            super().init_forward_metadata_out_graph(forward_batch, in_capture)
         self._check_graph_errors()
         self._step, self._triton_ready, self._in_graph = None, True, False
-        mode = forward_batch.forward_mode
-        if self._graph is None or not mode.is_decode() or forward_batch.spec_info is not None:
+        if not packed:
             return
         bs = forward_batch.batch_size
         raw_bs = bs - (getattr(forward_batch, "num_padding", 0) or 0)
@@ -108,6 +117,7 @@ class PackInferAttnBackend(TritonAttnBackend):
             self._graph_rows[:bs].copy_((torch.arange(bs) < raw_bs).float()[:, None], non_blocking=True)
             self._errs_pending = not in_capture
         if not in_capture:
+            self._host_us += (time.perf_counter() - start) * 1e6
             self._log_step(raw_bs)
 
     def _occupancy(self, persistent: bool) -> int:
@@ -134,6 +144,7 @@ class PackInferAttnBackend(TritonAttnBackend):
     # -- decode ---------------------------------------------------------------------------
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         if self._step is None or not _layer_supported(layer, kwargs):
+            self._graph_fallback |= self._in_graph
             if not self._triton_ready:
                 super().init_forward_metadata(self._batch)
                 self._triton_ready = True
@@ -199,9 +210,11 @@ class PackInferAttnBackend(TritonAttnBackend):
         if every and self._num_steps % every == 0:
             g = self._step.groups
             verified = f", verified {self._checked} layer-steps, max rel err {self._max_err:.2e}" if self.config.verify else ""
-            logger.info("packinfer: decode step %d, batch %d, %s%d groups (largest %d), prefix tokens saved %d%s",
-                        self._num_steps, batch_size, "" if self._grouped_by_tree else "no tree groups: ", g.num_groups, int(max(1, (g.group_indptr[1:] - g.group_indptr[:-1]).max())),
-                        g.shared_token_reads_saved, verified)
+            logger.info("packinfer: decode step %d, batch %d, %s%d groups (largest %d), prefix tokens saved %d, "
+                        "host plan %.0f us/step%s",
+                        self._num_steps, batch_size, "" if self._grouped_by_tree else "no tree groups: ", g.num_groups,
+                        int(max(1, (g.group_indptr[1:] - g.group_indptr[:-1]).max())),
+                        g.shared_token_reads_saved, self._host_us / self._num_steps, verified)
 
 
 _MAX_LAYERS = 1024  # entries of the verification error buffer, indexed by layer_id

@@ -81,3 +81,21 @@ def test_capacity_coarsens_chunks():
     assert len(work.prefix_items) + len(work.suffix_items) <= 10 and work.num_partials <= 24
     with pytest.raises(ValueError, match="no plan fits"):
         plan_work(gi, pi, si, gqa_group_size=4, num_kv_heads=8, prefix_block_m=64, max_items=3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 3000), min_size=1, max_size=80), st.integers(1, 8), st.integers(1, 300))
+def test_plain_decode_fast_path_matches_general_choice(suffix, gqa, slots):
+    """Batches without prefixes take a shorter host path; it must cover every token once and pick
+    the chunk the general two-kind search picks."""
+    si = np.cumsum([0, *suffix])
+    gi, pi = np.arange(len(suffix) + 1), np.zeros(len(suffix) + 1, dtype=np.int64)
+    work = plan_work(gi, pi, si, gqa_group_size=gqa, num_kv_heads=1, prefix_block_m=64, num_sms=slots, waves=1,
+                     kv_align=64)
+    lens = np.asarray(suffix)
+    assert work.suffix_chunk == _balanced_chunks(np.zeros(0, np.int64), np.zeros(0, np.int64), lens,
+                                                 np.full(len(lens), gqa), slots, 64)[1]
+    covered, rows = _coverage(work, gi, pi, si)
+    for t in range(len(suffix)):
+        assert sorted(covered[t]) == list(range(si[t], si[t + 1]))
+        assert sorted(rows[t]) == list(range(work.merge_indptr[t], work.merge_indptr[t + 1]))
