@@ -51,7 +51,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .compaction_alloc import claim_pages, free_page_runs, move_kv, unsupported_reason
+from .compaction_alloc import claim_page_ranges, free_page_runs, move_kv, unsupported_reason
 from .compaction_plan import (
     CompactionPlan,
     CostModel,
@@ -179,12 +179,14 @@ class Relocator:
     Args:
         cache: SGLang ``RadixCache`` (ours or the base class) with its pools.
         cost: the cost model; max_tokens: tokens copied per plan at most.
+        headroom: leave free pages for each relocated suffix's remaining tokens right after it
+            (``plan_compaction``); useful with :mod:`.placement` on, which continues suffixes there.
 
     Raises:
         ValueError: for allocators or KV pools compaction does not support.
     """
 
-    def __init__(self, cache, cost: CostModel, max_tokens: int = 65536):
+    def __init__(self, cache, cost: CostModel, max_tokens: int = 65536, headroom: bool = True):
         self.cache = cache
         self.allocator = cache.token_to_kv_pool_allocator
         self.req_to_token = cache.req_to_token_pool.req_to_token
@@ -193,7 +195,7 @@ class Relocator:
         if reason:
             raise ValueError(f"compaction unsupported: {reason}")
         self.page_size = self.allocator.page_size
-        self.cost, self.max_tokens = cost, max_tokens
+        self.cost, self.max_tokens, self.headroom = cost, max_tokens, headroom
         rows = self.kv_pool.k_buffer[0].shape[0]
         self._lut = torch.arange(rows, dtype=torch.int64, device=self.req_to_token.device)
         self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (new, old) not yet launched
@@ -204,14 +206,16 @@ class Relocator:
         """Fragmentation of a decode batch (runs per group prefix and request suffix)."""
         return measure_fragmentation(self.cache, reqs, groups)
 
-    def compact(self, reqs, groups, remaining_steps, live_reqs=None) -> CompactionPlan:
+    def compact(self, reqs, groups, remaining_steps, live_reqs=None, avoid=None) -> CompactionPlan:
         """Plans for the batch ``reqs`` (grouped as ``groups``) and relocates (without copying;
         call :meth:`flush_copies`). ``live_reqs``: every request holding a ``req_to_token`` row
-        (default ``reqs``); all of them are rewritten."""
+        (default ``reqs``); all of them are rewritten. ``avoid``: ``[num_pages + 1]`` bool, free
+        pages not to relocate into (placement's reservations: taking them breaks other suffixes)."""
         live = reqs if live_reqs is None else live_reqs
         layouts = collect_layouts(reqs, groups, self.req_to_token, remaining_steps)
-        plan = plan_compaction(layouts.groups, free_page_runs(self.allocator), self.page_size, self.cost,
-                               self.max_tokens, pinned_nodes(layouts.holders, live))
+        free = free_page_runs(self.allocator, avoid)
+        plan = plan_compaction(layouts.groups, free, self.page_size, self.cost,
+                               self.max_tokens, pinned_nodes(layouts.holders, live), self.headroom)
         self.relocate(plan, layouts.holders, live)
         return plan
 
@@ -222,8 +226,7 @@ class Relocator:
             return
         ps, dev = self.page_size, self.req_to_token.device
         owners = [o for m in plan.moves for o in m.owners]
-        for m in plan.moves:
-            claim_pages(self.allocator, m.first_page, m.num_pages)
+        claim_page_ranges(self.allocator, np.array([(o.new_first_page, len(o.old_pages)) for o in owners]))
         old_pages = np.concatenate([o.old_pages for o in owners])
         new_pages = np.concatenate([o.new_first_page + np.arange(len(o.old_pages)) for o in owners])
         offs = np.arange(ps)

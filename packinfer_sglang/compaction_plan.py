@@ -23,7 +23,8 @@ Cost model (per relocated part: a group's prefix, or one member's suffix), all i
 - horizon: a member is expected to decode ``remaining_steps[i]`` more tokens (the caller caps
   ``max_new_tokens - generated`` at ``PACKINFER_COMPACT_HORIZON``); the prefix saves while any
   member runs, with the tile count falling as members finish; a suffix saves while its request runs.
-  Tokens decoded after the move are placed by SGLang's allocator and are not counted either way.
+  Tokens decoded after the move are placed by SGLang's allocator (with placement on, in the
+  headroom below) and are not counted either way.
 
 A part is moved when ``saving * steps >= min_gain * copy``. Break-even for a suffix with
 ``gather_penalty = 0``: copy ``4 * L * H * D * b`` per token against ``L * H * index_bytes`` per
@@ -31,7 +32,14 @@ step, i.e. ``4 * head_dim * dtype_bytes / index_bytes`` steps (256 for bf16, hea
 divides that by its tile count. Index bytes alone rarely pay within a request's life; the term
 that can is ``gather_penalty`` (from the kernel's scattered-vs-compacted timing on a GPU). Groups are placed, best net gain first (ties: group
 index), each into the smallest free page run that fits it whole (ties: lowest start), until
-``max_tokens`` tokens are moved; a group with no fitting run is skipped. Decisions depend only on
+``max_tokens`` tokens are moved; a group with no fitting run is skipped.
+
+Headroom. In a group's span the prefix comes first, then each moved member's suffix followed by
+``ceil(remaining_steps / page_size)`` free pages (not claimed), when a run holds the span with them
+(else the parts lie back to back). Placement reserves those pages in place, so the suffix grows as
+one run and later plans find nothing gathered. Without headroom the next member's suffix starts
+right after, every suffix continues elsewhere, the break lands inside a chunk, and every plan moves
+every suffix again (the H100 server run: 17665 tokens a plan, growing by the tokens decoded since). Decisions depend only on
 the inputs (no ids of Python objects, no clocks), so every tensor-parallel rank, holding the same
 tree, requests and allocator state, takes the same ones.
 """
@@ -84,9 +92,10 @@ class OwnerMove(NamedTuple):
 
 class GroupMove(NamedTuple):
     group: int
-    owners: tuple[OwnerMove, ...]
-    first_page: int  # claimed pages first_page : first_page + num_pages
+    owners: tuple[OwnerMove, ...]  # the claimed pages are the owners' new pages
+    first_page: int  # the group's span first_page : first_page + num_pages, headroom included
     num_pages: int
+    headroom_pages: int  # pages of the span left free after relocated suffixes (not claimed)
     tokens: int  # slots holding KV that are copied
     copy_bytes: float
     saved_bytes: float
@@ -191,22 +200,39 @@ def _part_gain(owners, claimed, reads, cost: CostModel):
     return (movable, tokens, copy, saved) if saved >= cost.min_gain * copy else None
 
 
-def _group_proposal(layout: GroupLayout, claimed: set, cost: CostModel):
-    parts = [_part_gain(layout.prefix, claimed, cost.prefix_reads(layout.remaining_steps), cost)]
-    parts += [_part_gain(s, claimed, cost.suffix_reads(int(r)), cost)
-              for s, r in zip(layout.suffixes, layout.remaining_steps)]
-    parts = [p for p in parts if p is not None]
-    owners, seen = [], set()
-    for p in parts:
-        for o in p[0]:
-            if o.key not in seen:
-                seen.add(o.key)
-                owners.append(o)
-    return owners, sum(p[1] for p in parts), sum(p[2] for p in parts), sum(p[3] for p in parts)
+def _group_proposal(layout: GroupLayout, claimed: set, cost: CostModel, page_size: int):
+    """(parts, tokens, copy bytes, saved bytes); ``parts`` is a list of ``(owners, headroom_pages)``,
+    the prefix first, then each moved member's suffix with the pages its remaining tokens fill."""
+    prefix = _part_gain(layout.prefix, claimed, cost.prefix_reads(layout.remaining_steps), cost)
+    parts = [(prefix, 0)] if prefix else []
+    for s, r in zip(layout.suffixes, layout.remaining_steps):
+        gain = _part_gain(s, claimed, cost.suffix_reads(int(r)), cost)
+        if gain:
+            parts.append((gain, -(-int(r) // page_size)))
+    out, seen = [], set()
+    for p, room in parts:
+        owners = [o for o in p[0] if o.key not in seen]
+        seen.update(o.key for o in owners)
+        if owners:
+            out.append((owners, room))
+    return out, *(sum(p[k] for p, _ in parts) for k in (1, 2, 3))
+
+
+def _lay_out(parts, first: int, with_room: bool, page_size: int) -> tuple[OwnerMove, ...]:
+    """Owner moves for parts laid out back to back from page ``first``, each followed by its
+    headroom when ``with_room``."""
+    moves, at = [], first
+    for owners, room in parts:
+        for o in owners:
+            pages = (o.slots[::page_size] // page_size).astype(np.int64)
+            moves.append(OwnerMove(o.key, pages, at))
+            at += len(pages)
+        at += room if with_room else 0
+    return tuple(moves)
 
 
 def plan_compaction(layouts: list[GroupLayout], free_runs: np.ndarray, page_size: int, cost: CostModel,
-                    max_tokens: int, frozen: frozenset = frozenset()) -> CompactionPlan:
+                    max_tokens: int, frozen: frozenset = frozenset(), headroom: bool = True) -> CompactionPlan:
     """Chooses the groups to relocate and their target page ranges (module docstring).
 
     Args:
@@ -216,6 +242,9 @@ def plan_compaction(layouts: list[GroupLayout], free_runs: np.ndarray, page_size
         page_size: tokens per page; every owner's slots start on a page boundary.
         cost: the cost model; max_tokens: cap on tokens copied by this plan.
         frozen: owner keys that must not move (held by someone the relocator cannot rewrite).
+        headroom: leave ``ceil(remaining_steps / page_size)`` free pages after each relocated suffix
+            (when the group's span still fits a free run), so that placement continues the suffix in
+            place and the next plan finds it one run.
 
     Returns:
         :class:`CompactionPlan`; ``free_runs`` is not modified.
@@ -223,29 +252,29 @@ def plan_compaction(layouts: list[GroupLayout], free_runs: np.ndarray, page_size
     claimed: set = set(frozen)
     proposals = []
     for g, layout in enumerate(layouts):
-        owners, tokens, copy, saved = _group_proposal(layout, claimed, cost)
-        if owners:
-            claimed.update(o.key for o in owners)  # an owner shared by groups goes to the first
-            proposals.append((g, owners, tokens, copy, saved))
+        parts, tokens, copy, saved = _group_proposal(layout, claimed, cost, page_size)
+        if parts:
+            claimed.update(o.key for owners, _ in parts for o in owners)  # a shared owner goes to the first
+            proposals.append((g, parts, tokens, copy, saved))
     proposals.sort(key=lambda p: (-(p[4] - cost.min_gain * p[3]), p[0]))
     runs = [list(map(int, r)) for r in np.asarray(free_runs, dtype=np.int64).reshape(-1, 2)]
     moves, skipped, budget = [], [], max_tokens
-    for g, owners, tokens, copy, saved in proposals:
-        pages = [o.slots[::page_size] // page_size for o in owners]
-        need = sum(len(p) for p in pages)
-        fits = [i for i, (_, n) in enumerate(runs) if n >= need]
+    for g, parts, tokens, copy, saved in proposals:
+        need = sum(-(-len(o.slots) // page_size) for owners, _ in parts for o in owners)
+        room = sum(r for _, r in parts) if headroom else 0
         if tokens > budget:
             skipped.append((g, "over max_tokens"))
             continue
+        fits = [i for i, (_, n) in enumerate(runs) if n >= need + room] or \
+            [i for i, (_, n) in enumerate(runs) if n >= need]
         if not fits:
             skipped.append((g, f"no free run of {need} pages"))
             continue
         best = min(fits, key=lambda i: (runs[i][1], runs[i][0]))
+        room = room if runs[best][1] >= need + room else 0
         first = runs[best][0]
-        runs[best] = [first + need, runs[best][1] - need]
-        offsets = np.cumsum([0] + [len(p) for p in pages])
-        owner_moves = tuple(OwnerMove(o.key, p.astype(np.int64), first + int(off))
-                            for o, p, off in zip(owners, pages, offsets))
-        moves.append(GroupMove(g, owner_moves, first, need, tokens, copy, saved))
+        runs[best] = [first + need + room, runs[best][1] - need - room]
+        owner_moves = _lay_out(parts, first, room > 0, page_size)
+        moves.append(GroupMove(g, owner_moves, first, need + room, room, tokens, copy, saved))
         budget -= tokens
     return CompactionPlan(tuple(moves), tuple(skipped))

@@ -11,13 +11,15 @@ the others', one run per token (or per page).
 Policy. Each running request holds a *reservation*: a range ``[next, end)`` of free pages where its
 next pages go. A reservation is planned (:func:`plan_reservations`, host numpy) in this order:
 
-1. kept: an existing one that continues the request's tail (``next == last_page + 1``) or is not
-   yet used, cut at the first page that is no longer free and at ``need``;
-2. in place: the ``need`` free pages right after the request's last page, when all are free;
-3. fresh, a group's members side by side: the smallest free run that holds the whole group's
+1. kept: an existing one that continues the request's tail (``next == last_page + 1``), cut at the
+   first page that is no longer free and at ``need``;
+2. in place: the ``need`` free pages right after the request's last page, when all are free (a
+   relocated suffix's headroom, :func:`~packinfer_sglang.compaction_plan.plan_compaction`);
+3. kept: an existing one not yet used, cut as in 1;
+4. fresh, a group's members side by side: the smallest free run that holds the whole group's
    need (ties: lowest start), members laid out in group order; else per member the smallest run
    that holds its need, else the largest run (partly);
-4. none: the request gets SGLang's default page.
+5. none: the request gets SGLang's default page.
 
 ``need`` is the pages a request's expected remaining tokens fill (``PACKINFER_COMPACT_HORIZON``
 caps the tokens), at most an equal share of half the free pages, so that reservations never hold
@@ -29,8 +31,10 @@ request's reservation offers comes where SGLang's allocator takes that request's
 take unreserved pages first. Reservations are re-planned (:meth:`Placer.refresh`, one
 device-to-host read of the free list and the batch's last slots) when a request that needs a page
 has none left, at most once every ``PACKINFER_COMPACT_PLACE_EVERY`` steps, and after every
-relocation. A relocation packs a group's members back to back, so a relocated suffix continues in
-a fresh reservation: two runs, both long. Steps with no page to allocate (``page_size > 1``, most
+relocation. A relocation leaves free headroom after each relocated suffix
+(:func:`~packinfer_sglang.compaction_plan.plan_compaction`), which step 2 reserves, so the suffix
+stays one run and the next plan leaves it; a relocation does not claim reserved pages
+(:meth:`Placer.reserved_pages`). Steps with no page to allocate (``page_size > 1``, most
 steps) and steps where SGLang would evict or merge its free lists first are left to SGLang.
 
 Ownership. Placement never claims a page: it permutes ``free_pages`` into a new tensor.
@@ -141,7 +145,7 @@ def _take(runs: np.ndarray, need: int, partial: bool) -> tuple[int, int] | None:
 
 def plan_reservations(last_pages: np.ndarray, need_pages: np.ndarray, held: np.ndarray,
                       groups: list[np.ndarray], free_pages: np.ndarray, num_pages: int) -> np.ndarray:
-    """Reservations for a decode batch (module docstring, steps 1-4); pure, deterministic.
+    """Reservations for a decode batch (module docstring, steps 1-5); pure, deterministic.
 
     Args:
         last_pages: ``[n]`` int64 page of each request's last token (batch order).
@@ -158,17 +162,25 @@ def plan_reservations(last_pages: np.ndarray, need_pages: np.ndarray, held: np.n
     free = np.zeros(num_pages + 2, dtype=bool)
     free[np.asarray(free_pages, dtype=np.int64)] = True
     out = np.zeros((n, 3), dtype=np.int64)
-    for i, (start, nxt, end) in enumerate(np.asarray(held, dtype=np.int64).reshape(n, 3)):
-        if nxt < end and (nxt == last_pages[i] + 1 or nxt == start):
+    held = np.asarray(held, dtype=np.int64).reshape(n, 3)
+
+    def keep(i, continuing):
+        start, nxt, end = (int(x) for x in held[i])
+        if out[i, 1] == out[i, 2] and nxt < end and nxt == (last_pages[i] + 1 if continuing else start):
             span = _free_stretch(free, nxt, min(end - nxt, int(need_pages[i])))
             if span:
                 out[i] = (start, nxt, nxt + span)
                 free[nxt:nxt + span] = False
+
     for i in range(n):
+        keep(i, continuing=True)
+    for i in range(n):  # in place beats an unused reservation elsewhere (a relocated tail's headroom)
         s, need = int(last_pages[i]) + 1, int(need_pages[i])
         if out[i, 1] == out[i, 2] and need > 0 and _free_stretch(free, s, need) == need:
             out[i] = (s, s, s + need)
             free[s:s + need] = False
+    for i in range(n):
+        keep(i, continuing=False)
     runs = _runs(free)
     for rows in groups:
         rows = [int(i) for i in rows if out[i, 1] == out[i, 2] and need_pages[i] > 0]
@@ -202,6 +214,11 @@ class Placer:
         self._forced = False
         self.refreshes = 0
         self.offered_pages = 0  # pages offered from reservations (taken unless another allocation won)
+
+    def reserved_pages(self) -> torch.Tensor:
+        """``[num_pages + 1]`` bool on the allocator's device: pages promised to reservations at the
+        last refresh (free or since taken); a relocation should not claim them."""
+        return self._reserved
 
     def invalidate(self) -> None:
         """Forces a refresh at the next :meth:`place` (call after relocating KV)."""

@@ -5,8 +5,9 @@
 - BEFORE ``ScheduleBatch.prepare_for_decode`` (:func:`plan_and_relocate`, schedule stream): first
   returns the slots retired by the previous relocation (their copy was launched before the last
   forward), then, every ``PACKINFER_COMPACT_EVERY`` decode steps, plans on the decode batch and
-  relocates: claims page ranges, rewrites ``req_to_token`` rows, tree node values and
-  ``prefix_indices``. ``prepare_for_decode`` then allocates this step's tokens from the rewritten
+  relocates: claims page ranges (leaving headroom after each relocated suffix and avoiding pages
+  promised to placement's reservations, when placement is on), rewrites ``req_to_token`` rows,
+  tree node values and ``prefix_indices``. ``prepare_for_decode`` then allocates this step's tokens from the rewritten
   rows (paged: inside the request's new last page).
 - AFTER ``ForwardBatch.init_new`` (:func:`launch_copies`): ``ForwardBatch.init_new`` runs inside
   ``Scheduler.run_batch``'s ``forward_stream_ctx`` (after ``forward_stream.wait_stream(
@@ -72,7 +73,7 @@ def _relocator(batch, tree):
         cost = CostModel(pool.layer_num, pool.head_num, pool.head_dim, pool.store_dtype.itemsize,
                          gqa_group_size=gqa, gather_penalty=cfg.compact_gather_penalty,
                          min_gain=cfg.compact_min_gain)
-        _state.relocator = Relocator(tree, cost, cfg.compact_max_tokens)
+        _state.relocator = Relocator(tree, cost, cfg.compact_max_tokens, headroom=cfg.place)
     except (ValueError, AttributeError) as e:
         _state.disabled = str(e)
         logger.warning("packinfer: compaction off: %s", e)
@@ -107,7 +108,8 @@ def plan_and_relocate(batch, *args, **kwargs):
         return
     reqs = batch.reqs
     groups = tree.decode_groups(reqs, batch.seq_lens_cpu)
-    plan = relocator.compact(reqs, groups, _remaining_steps(reqs, cfg.compact_horizon), live_reqs=reqs)
+    avoid = _state.placer.reserved_pages() if _state.placer is not None else None
+    plan = relocator.compact(reqs, groups, _remaining_steps(reqs, cfg.compact_horizon), live_reqs=reqs, avoid=avoid)
     _state.moved_tokens += plan.tokens
     if plan.moves and _state.placer is not None:
         _state.placer.invalidate()  # tails moved: reservations after the old ones are stale

@@ -193,7 +193,8 @@ class World:
         groups = self.cache.decode_groups(self.running, lens)
         before = self.request_kv()
         remaining = [max(r.max_new - len(r.output_ids), 0) for r in self.running]
-        plan = self.relocator.compact(self.running, groups, remaining)
+        avoid = self.placer.reserved_pages() if self.placer is not None else None
+        plan = self.relocator.compact(self.running, groups, remaining, avoid=avoid)
         if plan.moves and self.placer is not None:
             self.placer.invalidate()
         self.check()  # between relocate and copy: ownership already consistent

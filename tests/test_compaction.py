@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from packinfer_sglang.compaction import collect_layouts, item_kv_bases
-from packinfer_sglang.compaction_alloc import claim_pages, free_page_runs
+from packinfer_sglang.compaction_alloc import claim_page_ranges, claim_pages, free_page_runs
 from packinfer_sglang.compaction_plan import (
     CostModel,
     GroupLayout,
@@ -61,7 +61,12 @@ def test_suffix_moves_exactly_at_break_even():
     free = np.array([[100, 50]])
     assert not plan_compaction([_layout([], [scattered], [15])], free, 1, cost, 1 << 20).moves
     plan = plan_compaction([_layout([], [scattered], [16])], free, 1, cost, 1 << 20)
-    assert [(m.group, m.first_page, m.num_pages, m.tokens) for m in plan.moves] == [(0, 100, 15, 15)]
+    # the span holds the 15 moved tokens and 16 free pages of headroom for the 16 tokens still to come
+    assert [(m.group, m.first_page, m.num_pages, m.headroom_pages, m.tokens) for m in plan.moves] == [
+        (0, 100, 31, 16, 15)]
+    assert [(o.new_first_page, len(o.old_pages)) for o in plan.moves[0].owners] == [(100, 15)]
+    tight = plan_compaction([_layout([], [scattered], [16])], np.array([[100, 20]]), 1, cost, 1 << 20)
+    assert [(m.num_pages, m.headroom_pages) for m in tight.moves] == [(15, 0)]  # no room: none left
     assert plan.moves[0].saved_bytes == plan.moves[0].copy_bytes
 
 
@@ -114,6 +119,14 @@ def test_free_runs_and_claim(page_size, need_sort):
     assert free_page_runs(w.alloc).tolist() == [[4, 2], [11, 1], [17, 24]]
     with pytest.raises(RuntimeError, match="only 1 of 2 are free"):
         claim_pages(w.alloc, 16, 2)
+    claim_page_ranges(w.alloc, np.array([[11, 1], [20, 3], [40, 1]]))  # ranges with free pages between
+    assert free_page_runs(w.alloc).tolist() == [[4, 2], [17, 3], [23, 17]]
+    assert w.alloc.available_size() == before - 10 * page_size
+    with pytest.raises(RuntimeError, match="2 page ranges: only 1 of 2 are free"):
+        claim_page_ranges(w.alloc, np.array([[4, 1], [11, 1]]))
+    exclude = torch.zeros(42, dtype=torch.bool)
+    exclude[[5, 18]] = True
+    assert free_page_runs(w.alloc, exclude).tolist() == [[4, 1], [17, 1], [19, 1], [23, 17]]
 
 
 # --- relocation on SGLang's pools -----------------------------------------------------------------

@@ -87,6 +87,14 @@ def test_kept_reservations_continue_the_tail_or_are_unused():
     assert out == [[5, 6, 8], [10, 10, 12], [33, 33, 34], [31, 31, 33]]
 
 
+def test_in_place_beats_an_unused_reservation_elsewhere():
+    # r0's tail was relocated to end at page 19 with free headroom 20-23 after it; its unused
+    # reservation 40-42 from before is dropped (cut pages stay free for others). r1 has no room in
+    # place (page 31 is not free), so it keeps its unused reservation.
+    free = [20, 21, 22, 23, 40, 41, 42, 50, 51]
+    assert _plan([19, 30], [3, 2], free, held=[[40, 40, 43], [50, 50, 52]]) == [[20, 20, 23], [50, 50, 52]]
+
+
 def test_a_groups_fresh_runs_lie_side_by_side_in_group_order():
     free = list(range(10, 14)) + list(range(20, 26)) + list(range(40, 50))
     # one group, rows in group order 2, 0, 1, needing 1 + 2 + 3 = 6 pages: the 6-page run fits best
