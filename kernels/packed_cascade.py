@@ -179,7 +179,7 @@ def default_num_warps(prefix_block_m: int, head_dim: int) -> int:
     return 4 if prefix_block_m * head_dim <= 64 * 128 else 8
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernel_occupancy(
     device: torch.device, dtype: torch.dtype, head_dim: int, gqa_group_size: int, *,
     prefix_block_m: int = PREFIX_BLOCK_M, block_n: int = BLOCK_N, num_warps: int | None = None,
@@ -339,7 +339,7 @@ def run_packed_cascade(
     of a CUDA-graph batch) are written with zeros. Allocates no host memory and never synchronizes,
     so it can be captured in a CUDA graph. ``block_n`` (KV tokens per inner step), ``num_warps``
     (default: 4 for tiles up to 64 x 128, else 8) and ``num_stages`` are launch tuning only."""
-    num_tokens, num_qo_heads, head_dim = q.shape
+    _, num_qo_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
     gqa = num_qo_heads // num_kv_heads
     o_partial = torch.empty(plan.num_partials, num_qo_heads, head_dim, dtype=torch.float32, device=q.device)

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_kernel as bk  # noqa: E402
-import kernel_cases as kc  # noqa: E402
+import bench_kernel as bk
+import kernel_cases as kc
 
 DEFAULT_CASES = ("B64_P0_S4096,B16_P0_S8192,B256_P0_S1024,B64_P4096_S256,B16_P2048_S512,B256_P2048_S256,"
                  "B64_P4096_S4096,B32_P8192_S1024")
@@ -59,7 +59,7 @@ def run_variant(kern, inp, ref, var, rep_ms, tol) -> dict:
         if not err <= tol:
             return {**info, "status": "wrong"}
         return {**info, "status": "ok", "us": bk.time_us(run, rep_ms)}
-    except Exception as e:  # a variant that does not compile (shared memory) is recorded
+    except Exception as e:  # noqa: BLE001 -- a variant that does not compile (shared memory) is recorded
         return {**var, "status": "error", "note": f"{type(e).__name__}: {e}"[:200]}
 
 
