@@ -199,6 +199,7 @@ def run_unit(args, ctx: dict, unit: Unit, bp: BackendPlan, proc, runner) -> dict
     log_text = procs.read_from(ctx["server_log"], log_start)
     scan = report.scan_server_log(log_text)
     row.update(report.steady_decode(log_text))
+    row.update(report.packinfer_stats(log_text))
     row["log_has_traceback"] = scan["log_has_traceback"]
     if bp.backend.partition(":")[0] == PACKINFER:
         row["log_tail"] = scan["log_tail"]

@@ -91,6 +91,29 @@ def steady_decode(text: str) -> dict:
             "steady_decode_lines": len(rates)}
 
 
+_PACKINFER_STEP = re.compile(r"packinfer: decode step (\d+),.*?host plan (\d+) us/step"
+                             r"(?:, verified (\d+) layer-steps, max rel err ([\d.e+-]+))?")
+_PACKINFER_MOVED = re.compile(r"packinfer: compaction moved (\d+) tokens")
+
+
+def packinfer_stats(text: str) -> dict:
+    """The packinfer backend's own counters from its log lines (the last decode-step line; the
+    compaction lines): ``host_plan_us_per_step`` (mean host time of decode metadata since start),
+    ``verified_layer_steps``, ``verify_max_rel_err``, ``compaction_plans``,
+    ``compaction_tokens_moved`` (a list, per plan). Empty dict when the log has none."""
+    steps = list(_PACKINFER_STEP.finditer(text))
+    moved = [int(m[1]) for m in _PACKINFER_MOVED.finditer(text)]
+    out = {}
+    if steps:
+        last = steps[-1]
+        out = {"packinfer_decode_steps": int(last[1]), "host_plan_us_per_step": int(last[2])}
+        if last[3] is not None:
+            out.update(verified_layer_steps=int(last[3]), verify_max_rel_err=float(last[4]))
+    if moved:
+        out.update(compaction_plans=len(moved), compaction_tokens_moved=moved)
+    return out
+
+
 def is_baseline(backend: str, baselines: tuple[str, ...] | None) -> bool:
     """Whether ``backend`` ("NAME" or "NAME:variant") counts as a baseline: named in ``baselines``
     (by full or base name), or, without that list, any backend that is not packinfer."""

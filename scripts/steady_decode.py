@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Steady decode rates of committed serving runs, from their server-log excerpts (CPU only).
+"""Steady decode rates (and the packinfer backend's logged counters: host plan time, verified
+layer-steps, compaction moves) of committed serving runs, from their server-log excerpts (CPU only).
 
 An excerpt file holds one ``## <backend>`` (or ``### <backend>``) section of SGLang server-log
 lines per backend; each section is read with :func:`serving_report.steady_decode` and paired with
@@ -34,6 +35,14 @@ def sections(text: str) -> dict[str, str]:
     return out
 
 
+def _environment(run: dict):
+    """The run's environment: one object (older single-workload JSON) or, for a merged report, the
+    distinct environments of its rows by backend."""
+    if "environment" in run:
+        return run["environment"]
+    return {row["backend"]: row["environment"] for table in run["tables"] for row in table["rows"]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_json", type=Path, help="the run's serving JSON (its environment is copied)")
@@ -43,10 +52,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     run = json.loads(args.run_json.read_text())
     keep = args.backends.split(",") if args.backends else None
-    rows = [{"backend": name, **report.steady_decode(text)} for name, text in sections(args.excerpts.read_text()).items()
+    rows = [{"backend": name, **report.steady_decode(text), **report.packinfer_stats(text)} for name, text in sections(args.excerpts.read_text()).items()
             if keep is None or name in keep]
-    out = {"environment": run["environment"], "run": args.run_json.name, "log_excerpts": args.excerpts.name,
-           "method": report.steady_decode.__doc__.split("\n\n")[0].replace("\n", " "), "rows": rows}
+    out = {"environment": _environment(run), "run": args.run_json.name, "log_excerpts": args.excerpts.name,
+           "method": report.steady_decode.__doc__.split("\n\n")[0].replace("\n", " "),
+           "packinfer_counters": report.packinfer_stats.__doc__.replace("\n", " "), "rows": rows}
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     for r in rows:
         print(f"{r['backend']:20s} {r['steady_decode_tok_s']} tok/s at batch {r['steady_decode_batch']} "

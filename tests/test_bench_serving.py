@@ -707,3 +707,31 @@ def test_steady_decode_script_reads_committed_excerpts(tmp_path):
     rows = {r["backend"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"triton", "packinfer-eager", "flashinfer"}
     assert all(r["steady_decode_batch"] == 256 and r["steady_decode_lines"] == 24 for r in rows.values())
+
+
+def test_packinfer_counters_from_its_log_lines():
+    text = "\n".join([
+        "[t] packinfer: compaction moved 560 tokens of 2 groups (0 skipped); 560 tokens so far",
+        "[t] packinfer: decode step 16, batch 8, 2 groups (largest 4), prefix tokens saved 24576, host plan 5350 us/step, "
+        "verified 480 layer-steps, max rel err 1.56e-04",
+        "[t] packinfer: compaction moved 17665 tokens of 8 groups (0 skipped); 18225 tokens so far",
+        "[t] packinfer: decode step 32, batch 256, 8 groups (largest 32), prefix tokens saved 1015808, host plan 1414 us/step",
+    ])
+    assert report.packinfer_stats(text) == {"packinfer_decode_steps": 32, "host_plan_us_per_step": 1414,
+                                            "compaction_plans": 2, "compaction_tokens_moved": [560, 17665]}
+    verified = report.packinfer_stats(text.rsplit("\n", 1)[0])
+    assert verified["verified_layer_steps"] == 480 and verified["verify_max_rel_err"] == 1.56e-4
+    assert report.packinfer_stats("[t] Decode batch, #running-req: 8") == {}
+
+
+def test_counters_of_a_merged_report_keep_each_backends_environment(tmp_path):
+    import steady_decode
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    out = tmp_path / "c.json"
+    steady_decode.main([str(root / "serving_full_h100.json"), str(root / "serving_full_h100_log_excerpts.txt"),
+                        "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert set(data["environment"]) == {"packinfer", "triton", "flashinfer"}
+    rows = {r["backend"]: r for r in data["rows"]}
+    assert rows["packinfer"]["host_plan_us_per_step"] == 1497 and "host_plan_us_per_step" not in rows["triton"]
