@@ -79,8 +79,11 @@ def _balanced_chunks(prefix_lens, prefix_rows, suffix_lens, suffix_rows, slots: 
     slots) * mean item)``: whole rounds of items, so 64 equal items on 49 slots cost two rounds
     where 192 thirds of them cost four rounds of a third (FlashInfer's split-KV scheduler makes the
     same trade with a binary search over chunk sizes)."""
-    cp = _chunk_candidates(prefix_lens, 2 * align, align)
     cs = _chunk_candidates(suffix_lens, align, align)
+    if not len(prefix_lens):  # plain decode, every step of unshared batches: one kind, half the work
+        n, total, largest = _kind_costs(suffix_lens, cs, suffix_rows)
+        return 2 * align, int(cs[np.argmin(np.maximum(largest, _ceil_div(n, slots) * total / np.maximum(n, 1)))])
+    cp = _chunk_candidates(prefix_lens, 2 * align, align)
     np_, tp, mp = _kind_costs(prefix_lens, cp, prefix_rows)
     ns, ts, ms = _kind_costs(suffix_lens, cs, suffix_rows)
     n = np_[:, None] + ns[None, :]
@@ -164,9 +167,9 @@ def _plan_suffix_only(suffix_lens, si, gqa_group_size, slots, kv_align, suffix_c
     """:func:`_plan_once` for a batch without prefixes (every request its own group): the same
     items, with a fraction of the host work (it runs every decode step of unshared batches)."""
     if suffix_chunk is None:
-        cs = _chunk_candidates(suffix_lens, kv_align, kv_align)
-        n, total, largest = _kind_costs(suffix_lens, cs, np.full(len(suffix_lens), gqa_group_size))
-        suffix_chunk = int(cs[np.argmin(np.maximum(largest, _ceil_div(n, slots) * total / n))])
+        none = np.zeros(0, np.int64)
+        suffix_chunk = _balanced_chunks(none, none, suffix_lens, np.full(len(suffix_lens), gqa_group_size),
+                                        slots, kv_align)[1]
     n_chunks = _ceil_div(suffix_lens, suffix_chunk)
     tok = np.arange(len(suffix_lens))
     items = _items(tok, np.ones_like(tok), si[:-1], suffix_lens, suffix_chunk, np.zeros_like(tok))

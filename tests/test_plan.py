@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from packinfer_sglang.kernels.plan import ITEM_FIELDS, _balanced_chunks, plan_work
+from packinfer_sglang.kernels.plan import (
+    ITEM_FIELDS,
+    ITEM_OVERHEAD_TOKENS,
+    PARTIAL_ROW_TOKENS,
+    _balanced_chunks,
+    plan_work,
+)
 
 
 def _coverage(work, group_indptr, prefix_indptr, suffix_indptr):
@@ -91,14 +97,19 @@ def test_capacity_coarsens_chunks():
 @given(st.lists(st.integers(1, 3000), min_size=1, max_size=80), st.integers(1, 8), st.integers(1, 300))
 def test_plain_decode_fast_path_matches_general_choice(suffix, gqa, slots):
     """Batches without prefixes take a shorter host path; it must cover every token once and pick
-    the chunk the general two-kind search picks."""
+    the candidate chunk with the smallest estimate."""
     si = np.cumsum([0, *suffix])
     gi, pi = np.arange(len(suffix) + 1), np.zeros(len(suffix) + 1, dtype=np.int64)
     work = plan_work(gi, pi, si, gqa_group_size=gqa, num_kv_heads=1, prefix_block_m=64, num_sms=slots, waves=1,
                      kv_align=64)
-    lens = np.asarray(suffix)
-    assert work.suffix_chunk == _balanced_chunks(np.zeros(0, np.int64), np.zeros(0, np.int64), lens,
-                                                 np.full(len(lens), gqa), slots, 64)[1]
+    def estimate(chunk):  # the planner's rule, written out: whole rounds of mean items, or the largest
+        items = [min(chunk, n - s) for n in suffix for s in range(0, n, chunk)]
+        costs = [x + ITEM_OVERHEAD_TOKENS + PARTIAL_ROW_TOKENS * gqa for x in items]
+        return max(max(costs), -(-len(costs) // slots) * sum(costs) / len(costs))
+    pieces = [-(-max(suffix) // k) for k in range(1, 17)]  # the longest suffix in 1..16 pieces
+    candidates = {max(64, -(-p // 64) * 64) for p in pieces}
+    assert work.suffix_chunk in candidates
+    assert estimate(work.suffix_chunk) <= min(map(estimate, candidates)) * (1 + 1e-9)
     covered, rows = _coverage(work, gi, pi, si)
     for t in range(len(suffix)):
         assert sorted(covered[t]) == list(range(si[t], si[t + 1]))
