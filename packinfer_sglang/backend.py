@@ -64,7 +64,8 @@ class PackInferAttnBackend(TritonAttnBackend):
     def _warm_up(self):
         """Compiles the eager (one program per item) kernel now: its first use comes with the first
         batch larger than the captured graphs, and a Triton JIT compile there stalls serving for
-        seconds (seen on the H100: a 2.5 s gap in the prefill-heavy run)."""
+        seconds (seen on the H100: no log line for 2-3 s in the prefill-heavy run)."""
+        self._occupancy(False)
         pool, dev = self.token_to_kv_pool, torch.device(self.device)
         k_buffer = getattr(pool, "k_buffer", None)
         v_buffer = getattr(pool, "v_buffer", None)
