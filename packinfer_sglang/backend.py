@@ -65,12 +65,12 @@ class PackInferAttnBackend(TritonAttnBackend):
         """Compiles the eager (one program per item) kernel now: its first use comes with the first
         batch larger than the captured graphs, and a Triton JIT compile there stalls serving for
         seconds (seen on the H100: no log line for 2-3 s in the prefill-heavy run)."""
-        self._occupancy(False)
         pool, dev = self.token_to_kv_pool, torch.device(self.device)
         k_buffer = getattr(pool, "k_buffer", None)
         v_buffer = getattr(pool, "v_buffer", None)
         if not k_buffer or not v_buffer:
             return
+        self._occupancy(False)
         one = torch.tensor([0, 1], dtype=torch.int32, device=dev)
         q = torch.zeros(1, self.num_head, k_buffer[0].shape[-1], dtype=k_buffer[0].dtype, device=dev)
         packed_cascade_attention(q, k_buffer[0], v_buffer[0], one, one.new_zeros(2), one[:0], one, one[1:],
