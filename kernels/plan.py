@@ -107,6 +107,13 @@ def _items(qo_start, qo_len, kv_start, kv_len, chunk, slot_base):
     return table.astype(np.int32).reshape(-1, ITEM_FIELDS)
 
 
+def _longest_first(items: np.ndarray) -> np.ndarray:
+    """Items by decreasing KV length (stable): the GPU hands programs out in launch order, and
+    longest-first list scheduling bounds the makespan of uneven items (a request's last, short
+    chunk, heterogeneous lengths) by 4/3 of the best order's."""
+    return items[np.argsort(-items[:, 3], kind="stable")]
+
+
 def plan_work(
     group_indptr: np.ndarray,
     prefix_kv_indptr: np.ndarray,
@@ -172,7 +179,7 @@ def _plan_suffix_only(suffix_lens, si, gqa_group_size, slots, kv_align, suffix_c
                                         slots, kv_align)[1]
     n_chunks = _ceil_div(suffix_lens, suffix_chunk)
     tok = np.arange(len(suffix_lens))
-    items = _items(tok, np.ones_like(tok), si[:-1], suffix_lens, suffix_chunk, np.zeros_like(tok))
+    items = _longest_first(_items(tok, np.ones_like(tok), si[:-1], suffix_lens, suffix_chunk, np.zeros_like(tok)))
     merge_indptr = np.zeros(len(suffix_lens) + 1, dtype=np.int32)
     np.cumsum(n_chunks, out=merge_indptr[1:])
     return WorkPlan(np.zeros((0, ITEM_FIELDS), np.int32), items, merge_indptr, 2 * kv_align, int(suffix_chunk))
@@ -219,12 +226,16 @@ def _plan_once(group_indptr, prefix_kv_indptr, suffix_kv_indptr, gqa_group_size,
         suffix_chunk = auto_s if suffix_chunk is None else suffix_chunk
     prefix_items = _items(span_qo_start, span_qo_len, pi[span_group], prefix_lens[span_group],
                           prefix_chunk, np.zeros_like(span_group))
+    # Chunk-major within a group: the row blocks of one prefix chunk are adjacent items, so they run
+    # at about the same time and all but the first find the chunk in L2.
+    item_group = np.repeat(span_group, _ceil_div(prefix_lens[span_group], prefix_chunk))
+    prefix_items = prefix_items[np.lexsort((prefix_items[:, 0], prefix_items[:, 4], item_group))]
 
     # Suffix spans: one per request with a non-empty suffix; slots follow its group's prefix chunks.
     n_prefix_chunks = np.where(has_prefix, _ceil_div(prefix_lens, prefix_chunk), 0)[token_group]
     tok = suffix_tok
-    suffix_items = _items(tok, np.ones_like(tok), int(pi[-1]) + si[tok], suffix_lens[tok],
-                          suffix_chunk, n_prefix_chunks[tok])
+    suffix_items = _longest_first(_items(tok, np.ones_like(tok), int(pi[-1]) + si[tok], suffix_lens[tok],
+                                         suffix_chunk, n_prefix_chunks[tok]))
 
     partials = n_prefix_chunks + _ceil_div(suffix_lens, suffix_chunk)
     merge_indptr = np.zeros(num_tokens + 1, dtype=np.int32)

@@ -114,3 +114,12 @@ def test_plain_decode_fast_path_matches_general_choice(suffix, gqa, slots):
     for t in range(len(suffix)):
         assert sorted(covered[t]) == list(range(si[t], si[t + 1]))
         assert sorted(rows[t]) == list(range(work.merge_indptr[t], work.merge_indptr[t + 1]))
+
+
+def test_prefix_items_are_chunk_major_within_a_group():
+    """The row blocks of one prefix chunk are adjacent items (they then share the chunk through L2)."""
+    sizes, prefix = [40, 9], [1000, 300]  # gqa 4: 16 requests per row block -> 3 and 1 row blocks
+    work = plan_work(np.cumsum([0, *sizes]), np.cumsum([0, *prefix]), np.arange(sum(sizes) + 1) * 5,
+                     gqa_group_size=4, num_kv_heads=8, prefix_block_m=64, prefix_chunk=256, suffix_chunk=64)
+    key = [(qo_start >= 40, kv_start, qo_start) for qo_start, _, kv_start, _, _ in work.prefix_items]
+    assert key == sorted(key) and len(key) == 3 * 4 + 2
