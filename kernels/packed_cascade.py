@@ -9,9 +9,9 @@ all requests of a group at once: the group's queries times the GQA ratio form th
 of one tile, so each prefix KV block is loaded once per tile and multiplied on tensor cores
 (``tl.dot``) instead of being re-read by every request. Suffix terms run one request per tile.
 Both run in one launch of ``_packed_attn_partial_kernel`` over the work items of :mod:`.plan`
-(prefix items first). A request whose KV is one item's chunk gets its output from that item; the
-others' items write float32 partial states, and the last of a request's items to finish merges them
-(an arrival counter per request and head), so one launch does the whole step.
+(prefix items first). An item whose request has no other item in the plan writes that request's
+output rows directly; the others write float32 partial states, which a merge kernel combines
+(skipping the rows already written).
 
 Row ``r`` of a tile is request ``qo_start + r // GQA`` and query head ``kv_head * GQA + r % GQA``.
 Scores are carried in base 2 (``qk * sm_scale * log2(e)``); the partial ``lse`` is stored in natural
@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .checks import check_cascade_inputs
+from .merge import merge_partials
 from .plan import ITEM_FIELDS, WorkPlan, plan_work
 
 PREFIX_BLOCK_M = 64
@@ -38,19 +39,15 @@ NUM_STAGES = 3  # software-pipelined KV loads; 2 ran 25-30% slower on H100 (benc
 
 @triton.jit
 def _attend_item(
-    Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out, Arrivals,
+    Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
     item, kv_head, sm_scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
-    GQA: tl.constexpr, NUM_QO_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
-    """One work item (a tile of query rows against one KV chunk) for one KV head.
-
-    A row whose request has one partial in the plan is final: written to ``Out`` directly. Other rows
-    write their partial state, then count themselves in ``Arrivals[request, head]`` (acquire-release,
-    GPU scope); the item that arrives last for a row merges that row's partials into ``Out`` and
-    resets its counter to 0 (so the buffer is all zeros between launches)."""
+    """One work item (a tile of query rows against one KV chunk) for one KV head. Rows of a
+    request with one partial in the plan are final: written to ``Out`` (and ``LSE_Out``) here."""
     qo_start = tl.load(Items + item * 5 + 0)
     qo_len = tl.load(Items + item * 5 + 1)
     kv_start = tl.load(Items + item * 5 + 2)
@@ -93,112 +90,75 @@ def _attend_item(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    o = acc / l_i[:, None]
-    lse2 = m_i + tl.log2(l_i)
     first = tl.load(Merge_Indptr + tok, mask=mask_m, other=0)
-    num_parts = tl.load(Merge_Indptr + tok + 1, mask=mask_m, other=0) - first
-    mask_od = mask_d[None, :]
-    out_ptr = Out + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
-    final = mask_m & (num_parts == 1)
-    tl.store(out_ptr, o.to(Out.dtype.element_ty), mask=final[:, None] & mask_od)
+    final = mask_m & (tl.load(Merge_Indptr + tok + 1, mask=mask_m, other=0) - first == 1)
+    split = mask_m & ~final
+    o = acc / l_i[:, None]
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    tl.store(Out + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+             o.to(Out.dtype.element_ty), mask=final[:, None] & mask_d[None, :])
     if STORE_LSE:
-        tl.store(LSE_Out + tok * stride_lt + head, lse2 * 0.6931471805599453, mask=final)
-    split = mask_m & (num_parts > 1)
-    if tl.max(split.to(tl.int32), 0) > 0:
-        row = first + slot
-        tl.store(O_Partial + row[:, None] * stride_pr + head[:, None] * stride_ph + offs_d[None, :], o,
-                 mask=split[:, None] & mask_od)
-        tl.store(LSE_Partial + row * stride_lr + head, lse2 * 0.6931471805599453, mask=split)
-        tl.debug_barrier()  # every thread's partial stores precede the release below
-        counter = Arrivals + tok * NUM_QO_HEADS + head
-        arrived = tl.atomic_add(counter, 1, mask=split, sem="acq_rel", scope="gpu")
-        last = split & (arrived == num_parts - 1)
-        tl.debug_barrier()  # the acquire precedes every thread's partial loads below
-        if tl.max(last.to(tl.int32), 0) > 0:
-            m_r, s_r, acc_r = lse2, tl.full([BLOCK_M], 1.0, tl.float32), o  # this item's partial
-            for j in range(0, tl.max(tl.where(last, num_parts, 0), 0)):
-                other = last & (j < num_parts) & (j != slot)
-                lse_j = tl.load(LSE_Partial + (first + j) * stride_lr + head, mask=other, other=-float("inf"),
-                                cache_modifier=".cg") * 1.4426950408889634
-                o_j = tl.load(O_Partial + (first + j)[:, None] * stride_pr + head[:, None] * stride_ph
-                              + offs_d[None, :], mask=other[:, None] & mask_od, other=0.0, cache_modifier=".cg")
-                m_new = tl.maximum(m_r, lse_j)
-                alpha = tl.exp2(m_r - m_new)
-                w = tl.exp2(lse_j - m_new)
-                acc_r = acc_r * alpha[:, None] + w[:, None] * o_j
-                s_r = s_r * alpha + w
-                m_r = m_new
-            tl.store(out_ptr, (acc_r / s_r[:, None]).to(Out.dtype.element_ty), mask=last[:, None] & mask_od)
-            if STORE_LSE:
-                tl.store(LSE_Out + tok * stride_lt + head, (m_r + tl.log2(s_r)) * 0.6931471805599453, mask=last)
-            tl.store(counter, tl.zeros([BLOCK_M], tl.int32), mask=last)
+        tl.store(LSE_Out + tok * stride_lt + head, lse, mask=final)
+    row = first + slot
+    tl.store(O_Partial + row[:, None] * stride_pr + head[:, None] * stride_ph + offs_d[None, :], o,
+             mask=split[:, None] & mask_d[None, :])
+    tl.store(LSE_Partial + row * stride_lr + head, lse, mask=split)
 
 
 @triton.jit
 def _packed_attn_partial_kernel(
     Q, K_Buffer, V_Buffer, KV_Indices, Items, Counts, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
-    Arrivals, sm_scale_log2, num_out_rows,
+    sm_scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
-    GQA: tl.constexpr, NUM_QO_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PREFIX_BLOCK_M: tl.constexpr, SUFFIX_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, PERSISTENT: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     """Prefix items (``PREFIX_BLOCK_M`` rows: a group's requests x GQA) then suffix items
-    (``SUFFIX_BLOCK_M`` rows: one request x GQA), all in one launch, merged in it (see
-    :func:`_attend_item`). ``Counts`` holds ``(num_items, num_prefix_items, num_tokens)`` in device
-    memory. ``PERSISTENT``: a fixed grid (CUDA graphs) replays any plan, program ``p`` running items
-    ``p, p + num_programs, ...`` and then zeroing padding rows ``num_tokens + p, ...`` below
-    ``num_out_rows``; otherwise program ``p`` runs item ``p`` (one program per item, straight-line
-    code)."""
+    (``SUFFIX_BLOCK_M`` rows: one request x GQA), all in one launch. ``Counts`` holds
+    ``(num_items, num_prefix_items)`` in device memory. ``PERSISTENT``: a fixed grid (CUDA graphs)
+    replays any plan, program ``p`` running items ``p, p + num_programs, ...``; otherwise program
+    ``p`` runs item ``p`` (one program per item, straight-line code)."""
     kv_head = tl.program_id(1)
     num_prefix_items = tl.load(Counts + 1)
     if PERSISTENT:
         num_items = tl.load(Counts)
         for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
             _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial, Out,
-                        LSE_Out, Arrivals, item, num_prefix_items, kv_head, sm_scale_log2, stride_qt, stride_qh,
-                        stride_kt, stride_kh, stride_vt, stride_vh, stride_pr, stride_ph, stride_lr,
-                        stride_ot, stride_oh, stride_lt, GQA, NUM_QO_HEADS, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M,
-                        SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE)
-        offs_g = tl.arange(0, SUFFIX_BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        head = kv_head * GQA + offs_g
-        mask = (offs_g < GQA)[:, None] & (offs_d < HEAD_DIM)[None, :]
-        for tok in range(tl.load(Counts + 2) + tl.program_id(0), num_out_rows, tl.num_programs(0)):
-            tl.store(Out + tok * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-                     tl.zeros([SUFFIX_BLOCK_M, BLOCK_D], tl.float32).to(Out.dtype.element_ty), mask=mask)
-            if STORE_LSE:
-                tl.store(LSE_Out + tok * stride_lt + head, tl.zeros([SUFFIX_BLOCK_M], tl.float32), mask=offs_g < GQA)
+                        LSE_Out, item, num_prefix_items, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt,
+                        stride_kh, stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot, stride_oh,
+                        stride_lt, GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32,
+                        STORE_LSE)
     else:
         _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
-                    Arrivals, tl.program_id(0), num_prefix_items, kv_head, sm_scale_log2, stride_qt, stride_qh,
-                    stride_kt, stride_kh, stride_vt, stride_vh, stride_pr, stride_ph, stride_lr,
-                    stride_ot, stride_oh, stride_lt, GQA, NUM_QO_HEADS, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M,
-                    SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE)
+                    tl.program_id(0), num_prefix_items, kv_head, sm_scale_log2, stride_qt, stride_qh,
+                    stride_kt, stride_kh, stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot,
+                    stride_oh, stride_lt, GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, SUFFIX_BLOCK_M, BLOCK_N,
+                    DOT_FP32, STORE_LSE)
 
 
 @triton.jit
 def _attend_any(
-    Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out, Arrivals,
+    Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
     item, num_prefix_items, kv_head, sm_scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
-    GQA: tl.constexpr, NUM_QO_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PREFIX_BLOCK_M: tl.constexpr, SUFFIX_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     """A prefix item (``item < num_prefix_items``) or a suffix item, each with its tile height."""
     if item < num_prefix_items:
         _attend_item(Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
-                     Arrivals, item, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
+                     item, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
                      stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
-                     GQA, NUM_QO_HEADS, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE)
+                     GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE)
     else:
         _attend_item(Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
-                     Arrivals, item, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
+                     item, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
                      stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
-                     GQA, NUM_QO_HEADS, HEAD_DIM, BLOCK_D, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE)
+                     GQA, HEAD_DIM, BLOCK_D, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE)
 
 
 class PackedCascadePlan(NamedTuple):
@@ -210,10 +170,9 @@ class PackedCascadePlan(NamedTuple):
     """
 
     items: torch.Tensor  # [>= num_items, ITEM_FIELDS]: prefix items first, then suffix items
-    counts: torch.Tensor  # [3]: num_items, num_prefix_items, num_tokens (read by the kernel)
+    counts: torch.Tensor  # [2]: num_items, num_prefix_items (read by the kernel)
     merge_indptr: torch.Tensor  # [>= num_tokens + 1]; rows past the batch have no partials
     kv_indices: torch.Tensor  # [total prefix + suffix slots]
-    arrivals: torch.Tensor  # [>= num_tokens * num_qo_heads] int32 zeros: the in-launch merge's counters
     num_items: int  # host copy of counts[0]
     num_partials: int  # rows of the float32 partial buffers (a capacity in static plans)
     prefix_block_m: int
@@ -250,10 +209,10 @@ def kernel_occupancy(
     i32 = torch.zeros(16, dtype=torch.int32, device=device)
     f32 = torch.zeros(16, gqa_group_size, head_dim, dtype=torch.float32, device=device)
     compiled = _packed_attn_partial_kernel.warmup(
-        q, kv, kv, i32, i32, i32, i32, f32, f32[:, :, 0], q, f32[:, :, 0], i32, 1.0, 16, q.stride(0), q.stride(1),
+        q, kv, kv, i32, i32, i32, i32, f32, f32[:, :, 0], q, f32[:, :, 0], 1.0, q.stride(0), q.stride(1),
         kv.stride(0), kv.stride(1), kv.stride(0), kv.stride(1), f32.stride(0), f32.stride(1), gqa_group_size,
         q.stride(0), q.stride(1), gqa_group_size,
-        GQA=gqa_group_size, NUM_QO_HEADS=gqa_group_size, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        GQA=gqa_group_size, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         PREFIX_BLOCK_M=prefix_block_m, SUFFIX_BLOCK_M=suffix_block_m_for(gqa_group_size), BLOCK_N=block_n,
         DOT_FP32=False, PERSISTENT=persistent, STORE_LSE=False, num_warps=num_warps, num_stages=num_stages,
         grid=(1, 1),
@@ -288,28 +247,26 @@ def suffix_block_m_for(gqa_group_size: int) -> int:
 
 
 def _host_table(work: WorkPlan, merge_len: int | None = None) -> np.ndarray:
-    """``[num_items, num_prefix_items, num_tokens, *merge_indptr, *items]`` as one int32 array;
-    ``merge_indptr`` is padded with its last value to ``merge_len`` entries (rows without partials)."""
+    """``[num_items, num_prefix_items, *merge_indptr, *items]`` as one int32 array; ``merge_indptr``
+    is padded with its last value to ``merge_len`` entries (rows without partials)."""
     both = np.concatenate([work.prefix_items, work.suffix_items]).reshape(-1)
     merge = work.merge_indptr
     if merge_len is not None:
         merge = np.concatenate([merge, np.full(merge_len - len(merge), merge[-1], dtype=merge.dtype)])
-    counts = np.array([len(both) // ITEM_FIELDS, len(work.prefix_items), len(work.merge_indptr) - 1])
+    counts = np.array([len(both) // ITEM_FIELDS, len(work.prefix_items)])
     return np.concatenate([counts, merge, both]).astype(np.int32)
 
 
 def make_plan(
-    work: WorkPlan, kv_indices: torch.Tensor, num_qo_heads: int, num_kv_heads: int,
-    prefix_block_m: int = PREFIX_BLOCK_M,
+    work: WorkPlan, kv_indices: torch.Tensor, gqa_group_size: int, prefix_block_m: int = PREFIX_BLOCK_M
 ) -> PackedCascadePlan:
     """Copies a host :class:`WorkPlan` next to ``kv_indices`` (its device) as a :class:`PackedCascadePlan`
-    (one host-to-device copy, one memset of the merge counters)."""
+    (one host-to-device copy)."""
     flat = host_to_device(torch.from_numpy(_host_table(work)), kv_indices.device)
     n_items, n_merge = len(work.prefix_items) + len(work.suffix_items), len(work.merge_indptr)
-    arrivals = torch.zeros(max(1, (n_merge - 1) * num_qo_heads), dtype=torch.int32, device=kv_indices.device)
     return PackedCascadePlan(
-        flat[3 + n_merge :].view(n_items, ITEM_FIELDS), flat[:3], flat[3 : 3 + n_merge], kv_indices, arrivals,
-        n_items, work.num_partials, prefix_block_m, suffix_block_m_for(num_qo_heads // num_kv_heads),
+        flat[2 + n_merge :].view(n_items, ITEM_FIELDS), flat[:2], flat[2 : 2 + n_merge], kv_indices,
+        n_items, work.num_partials, prefix_block_m, suffix_block_m_for(gqa_group_size),
     )
 
 
@@ -321,19 +278,16 @@ class StaticPlanBuffers:
         max_tokens: most decode requests of a batch (``merge_indptr`` holds ``max_tokens + 1``).
         max_items: capacity of the item table; plans must respect it (``plan_work(max_items=...)``).
         max_kv_tokens: capacity of ``kv_indices`` in slots.
-        num_qo_heads: query heads (the merge counters are per request and head).
         device: where the buffers live.
     """
 
-    def __init__(self, max_tokens: int, max_items: int, max_kv_tokens: int, num_qo_heads: int,
-                 device: torch.device):
+    def __init__(self, max_tokens: int, max_items: int, max_kv_tokens: int, device: torch.device):
         self.max_tokens, self.max_items = max_tokens, max_items
-        self.flat = torch.zeros(3 + max_tokens + 1 + max_items * ITEM_FIELDS, dtype=torch.int32, device=device)
-        self.counts = self.flat[:3]
-        self.merge_indptr = self.flat[3 : 4 + max_tokens]
-        self.items = self.flat[4 + max_tokens :].view(max_items, ITEM_FIELDS)
+        self.flat = torch.zeros(2 + max_tokens + 1 + max_items * ITEM_FIELDS, dtype=torch.int32, device=device)
+        self.counts = self.flat[:2]
+        self.merge_indptr = self.flat[2 : 3 + max_tokens]
+        self.items = self.flat[3 + max_tokens :].view(max_items, ITEM_FIELDS)
         self.kv_indices = torch.zeros(max(1, max_kv_tokens), dtype=torch.int32, device=device)
-        self.arrivals = torch.zeros(max_tokens * num_qo_heads, dtype=torch.int32, device=device)
 
     def write(self, work: WorkPlan, gqa_group_size: int, num_programs: int, num_partials: int,
               prefix_block_m: int = PREFIX_BLOCK_M) -> PackedCascadePlan:
@@ -345,8 +299,8 @@ class StaticPlanBuffers:
             raise ValueError(f"plan of {n_items} items, {n_tokens} tokens, {work.num_partials} partials "
                              f"exceeds capacity {self.max_items} items, {self.max_tokens} tokens, {num_partials} partials")
         copy_host_into(self.flat, torch.from_numpy(_host_table(work, self.max_tokens + 1)))
-        return PackedCascadePlan(self.items, self.counts, self.merge_indptr, self.kv_indices, self.arrivals,
-                                 n_items, num_partials, prefix_block_m, suffix_block_m_for(gqa_group_size), num_programs)
+        return PackedCascadePlan(self.items, self.counts, self.merge_indptr, self.kv_indices, n_items,
+                                 num_partials, prefix_block_m, suffix_block_m_for(gqa_group_size), num_programs)
 
 
 def plan_packed_cascade(
@@ -379,7 +333,7 @@ def plan_packed_cascade(
     )
     kv_indices = torch.cat([prefix_kv_indices[: int(prefix_kv_indptr[-1])],
                             suffix_kv_indices[: int(suffix_kv_indptr[-1])]]).to(torch.int32)
-    return make_plan(work, kv_indices, num_qo_heads, num_kv_heads, prefix_block_m)
+    return make_plan(work, kv_indices, gqa, prefix_block_m)
 
 
 def run_packed_cascade(
@@ -406,21 +360,23 @@ def run_packed_cascade(
     o_partial = torch.empty(plan.num_partials, num_qo_heads, head_dim, dtype=torch.float32, device=q.device)
     lse_partial = torch.empty(plan.num_partials, num_qo_heads, dtype=torch.float32, device=q.device)
     num_programs = plan.num_items if plan.num_programs is None else plan.num_programs
-    if not num_programs:
-        return
     lse_arg = lse if lse is not None else lse_partial
-    _packed_attn_partial_kernel[(num_programs, num_kv_heads)](
-        q, k_buffer, v_buffer, plan.kv_indices, plan.items, plan.counts, plan.merge_indptr,
-        o_partial, lse_partial, out, lse_arg, plan.arrivals, sm_scale * 1.4426950408889634, out.shape[0],
-        q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
-        o_partial.stride(0), o_partial.stride(1), lse_partial.stride(0), out.stride(0), out.stride(1),
-        lse_arg.stride(0),
-        GQA=gqa, NUM_QO_HEADS=num_qo_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        PREFIX_BLOCK_M=plan.prefix_block_m, SUFFIX_BLOCK_M=plan.suffix_block_m, BLOCK_N=block_n,
-        DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16, PERSISTENT=plan.num_programs is not None,
-        STORE_LSE=lse is not None,
-        num_warps=num_warps or default_num_warps(plan.prefix_block_m, head_dim), num_stages=num_stages,
-    )
+    if num_programs:
+        _packed_attn_partial_kernel[(num_programs, num_kv_heads)](
+            q, k_buffer, v_buffer, plan.kv_indices, plan.items, plan.counts, plan.merge_indptr,
+            o_partial, lse_partial, out, lse_arg, sm_scale * 1.4426950408889634,
+            q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
+            v_buffer.stride(0), v_buffer.stride(1), o_partial.stride(0), o_partial.stride(1),
+            lse_partial.stride(0), out.stride(0), out.stride(1), lse_arg.stride(0),
+            GQA=gqa, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+            PREFIX_BLOCK_M=plan.prefix_block_m, SUFFIX_BLOCK_M=plan.suffix_block_m, BLOCK_N=block_n,
+            DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16, PERSISTENT=plan.num_programs is not None,
+            STORE_LSE=lse is not None,
+            num_warps=num_warps or default_num_warps(plan.prefix_block_m, head_dim), num_stages=num_stages,
+        )
+    if plan.num_programs is not None or plan.num_partials > plan.merge_indptr.numel() - 1:
+        # graphs: any plan may split, and padding rows are zeroed here; eager: only if a request split
+        merge_partials(o_partial, lse_partial, plan.merge_indptr, out, lse, skip_single=True)
 
 
 def packed_cascade_attention(

@@ -107,6 +107,12 @@ def _items(qo_start, qo_len, kv_start, kv_len, chunk, slot_base):
     return table.astype(np.int32).reshape(-1, ITEM_FIELDS)
 
 
+def _chunk_major(prefix_items: np.ndarray, item_group: np.ndarray) -> np.ndarray:
+    """Prefix items ordered by group, then chunk, then row block: the row blocks of one prefix chunk
+    are adjacent, so they run at about the same time and all but the first find the chunk in L2."""
+    return prefix_items[np.lexsort((prefix_items[:, 0], prefix_items[:, 4], item_group))]
+
+
 def _longest_first(items: np.ndarray) -> np.ndarray:
     """Items by decreasing KV length (stable): the GPU hands programs out in launch order, and
     longest-first list scheduling bounds the makespan of uneven items (a request's last, short
@@ -226,10 +232,7 @@ def _plan_once(group_indptr, prefix_kv_indptr, suffix_kv_indptr, gqa_group_size,
         suffix_chunk = auto_s if suffix_chunk is None else suffix_chunk
     prefix_items = _items(span_qo_start, span_qo_len, pi[span_group], prefix_lens[span_group],
                           prefix_chunk, np.zeros_like(span_group))
-    # Chunk-major within a group: the row blocks of one prefix chunk are adjacent items, so they run
-    # at about the same time and all but the first find the chunk in L2.
-    item_group = np.repeat(span_group, _ceil_div(prefix_lens[span_group], prefix_chunk))
-    prefix_items = prefix_items[np.lexsort((prefix_items[:, 0], prefix_items[:, 4], item_group))]
+    prefix_items = _chunk_major(prefix_items, np.repeat(span_group, _ceil_div(prefix_lens[span_group], prefix_chunk)))
 
     # Suffix spans: one per request with a non-empty suffix; slots follow its group's prefix chunks.
     n_prefix_chunks = np.where(has_prefix, _ceil_div(prefix_lens, prefix_chunk), 0)[token_group]

@@ -101,7 +101,7 @@ class PackInferAttnBackend(TritonAttnBackend):
     def init_cuda_graph_state(self, max_bs, max_num_tokens, *args, **kwargs):
         super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
         dev = torch.device(self.device)
-        self._graph = GraphBuffers(max_num_tokens, self.max_context_len, self.num_head, self.num_kv_head, self.num_sms, dev,
+        self._graph = GraphBuffers(max_num_tokens, self.max_context_len, self.num_kv_head, self.num_sms, dev,
                                    waves=self._occupancy(True))
         if self.config.verify:
             self._graph_errs = torch.zeros(_MAX_LAYERS, dtype=torch.float32, device=dev)

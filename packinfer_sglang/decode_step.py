@@ -69,11 +69,10 @@ class GraphBuffers:
 
     PARTIALS_PER_REQUEST = 16
 
-    def __init__(self, max_bs: int, max_context_len: int, num_qo_heads: int, num_kv_heads: int, num_sms: int,
+    def __init__(self, max_bs: int, max_context_len: int, num_kv_heads: int, num_sms: int,
                  device: torch.device, waves: int = 2):
         self.max_bs, self.waves = max_bs, waves
-        self.plan = StaticPlanBuffers(max_bs, 8 * (max_bs + num_sms * waves), max_bs * max_context_len, num_qo_heads,
-                                      device)
+        self.plan = StaticPlanBuffers(max_bs, 8 * (max_bs + num_sms * waves), max_bs * max_context_len, device)
         self.perm = torch.arange(max_bs, dtype=torch.int64, device=device)
         self.num_programs = max(1, num_sms * waves // num_kv_heads)
 
@@ -148,7 +147,7 @@ def build_decode_step(
                      waves=waves if graph is None else graph.waves, kv_align=BLOCK_N, **limits)
     if graph is None:
         perm = None if groups.is_identity else _to_device(groups.order, dev)
-        return DecodeStep(make_plan(work, kv_indices, num_qo_heads, num_kv_heads), perm, groups)
+        return DecodeStep(make_plan(work, kv_indices, gqa), perm, groups)
     plan = graph.plan.write(work, gqa, graph.num_programs, graph.num_partials(padded_bs))
     perm = np.arange(padded_bs, dtype=np.int64)
     perm[:num_tokens] = groups.order

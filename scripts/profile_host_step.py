@@ -56,7 +56,7 @@ def profile_case(name, steps, device) -> dict:
     groups, lens, rows, req_to_token = make_batch(batch, num_groups, prefix, suffix, device)
     num_sms = num_sms_of(device)
     waves = kernel_occupancy(device, torch.bfloat16, 128, 4, persistent=True)
-    graph = GraphBuffers(batch, req_to_token.shape[1], 32, 8, num_sms, device, waves=waves)
+    graph = GraphBuffers(batch, req_to_token.shape[1], 8, num_sms, device, waves=waves)
     a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
 
     def step():

@@ -54,6 +54,14 @@ def test_packed_equals_flat(structure, heads, dtype):
     check(args, dtype, prefix_chunk=64, suffix_chunk=64)  # small chunks: several partials per request
 
 
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=lambda h: f"{h[0]}q{h[1]}kv")
+def test_unsplit_plan_writes_outputs_directly(heads):
+    """Every request one item (no prefix, suffixes within one chunk): the partial kernel writes the
+    outputs itself and the merge launch is skipped; every row must still be written."""
+    args = make_batch([1, 1, 1, 1], [0, 0, 0, 0], [17, 1, 70, 33], *heads, 64, torch.float16)
+    check(args, torch.float16, suffix_chunk=128)
+
+
 @pytest.mark.parametrize("head_dim", [64, 128] + ([256] if HAS_CUDA else []))
 def test_head_dims_and_default_plan(head_dim):
     args = make_batch([3, 2], [65, 130], [3, 1, 40, 2, 7], 8, 2, head_dim, torch.bfloat16)
