@@ -113,17 +113,24 @@ def _packed_attn_partial_kernel(
     stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
     GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PREFIX_BLOCK_M: tl.constexpr, SUFFIX_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr, PERSISTENT: tl.constexpr, STORE_LSE: tl.constexpr,
+    DOT_FP32: tl.constexpr, PERSISTENT: tl.constexpr, STORE_LSE: tl.constexpr, ROLE: tl.constexpr,
 ):
     """Prefix items (``PREFIX_BLOCK_M`` rows: a group's requests x GQA) then suffix items
     (``SUFFIX_BLOCK_M`` rows: one request x GQA), all in one launch. ``Counts`` holds
     ``(num_items, num_prefix_items)`` in device memory. ``PERSISTENT``: a fixed grid (CUDA graphs)
     replays any plan, program ``p`` running items ``p, p + num_programs, ...``; otherwise program
-    ``p`` runs item ``p`` (one program per item, straight-line code)."""
+    ``p`` runs item ``p`` (one program per item, straight-line code). ``ROLE`` (persistent only):
+    0 runs every plan; a graph captures a pair, 1 (compiled with 64-row prefix tiles) running plans
+    with prefix items and 2 (compiled with suffix-height tiles: fewer registers, more resident
+    programs) running plans without, the other one of the pair finding nothing to do."""
     kv_head = tl.program_id(1)
     num_prefix_items = tl.load(Counts + 1)
     if PERSISTENT:
         num_items = tl.load(Counts)
+        if ROLE == 1:
+            num_items = tl.where(num_prefix_items > 0, num_items, 0)
+        elif ROLE == 2:
+            num_items = tl.where(num_prefix_items == 0, num_items, 0)
         for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
             _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial, Out,
                         LSE_Out, item, num_prefix_items, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt,
@@ -178,6 +185,8 @@ class PackedCascadePlan(NamedTuple):
     prefix_block_m: int
     suffix_block_m: int
     num_programs: int | None = None  # grid size along items; None: one program per item
+    has_prefix: bool = True  # whether there are prefix items (static plans: whether there may be)
+    plain_num_programs: int | None = None  # static plans: grid of the plain-decode launch (ROLE 2)
 
 
 def num_sms_of(device: torch.device) -> int:
@@ -214,7 +223,7 @@ def kernel_occupancy(
         q.stride(0), q.stride(1), gqa_group_size,
         GQA=gqa_group_size, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         PREFIX_BLOCK_M=prefix_block_m, SUFFIX_BLOCK_M=suffix_block_m_for(gqa_group_size), BLOCK_N=block_n,
-        DOT_FP32=False, PERSISTENT=persistent, STORE_LSE=False, num_warps=num_warps, num_stages=num_stages,
+        DOT_FP32=False, PERSISTENT=persistent, STORE_LSE=False, ROLE=0, num_warps=num_warps, num_stages=num_stages,
         grid=(1, 1),
     )
     compiled._init_handles()
@@ -267,6 +276,7 @@ def make_plan(
     return PackedCascadePlan(
         flat[2 + n_merge :].view(n_items, ITEM_FIELDS), flat[:2], flat[2 : 2 + n_merge], kv_indices,
         n_items, work.num_partials, prefix_block_m, suffix_block_m_for(gqa_group_size),
+        has_prefix=len(work.prefix_items) > 0,
     )
 
 
@@ -290,9 +300,11 @@ class StaticPlanBuffers:
         self.kv_indices = torch.zeros(max(1, max_kv_tokens), dtype=torch.int32, device=device)
 
     def write(self, work: WorkPlan, gqa_group_size: int, num_programs: int, num_partials: int,
-              prefix_block_m: int = PREFIX_BLOCK_M) -> PackedCascadePlan:
+              prefix_block_m: int = PREFIX_BLOCK_M, plain_num_programs: int | None = None) -> PackedCascadePlan:
         """Copies ``work`` into the buffers (asynchronously on the current stream) and returns the plan
-        that reads them. Raises ``ValueError`` when ``work`` exceeds a capacity."""
+        that reads them: ``num_programs`` persistent programs per KV head, or with
+        ``plain_num_programs`` a pair of launches (see ``ROLE`` of the kernel) whose plain-decode one
+        has that many. Raises ``ValueError`` when ``work`` exceeds a capacity."""
         n_items = len(work.prefix_items) + len(work.suffix_items)
         n_tokens = len(work.merge_indptr) - 1
         if n_items > self.max_items or n_tokens > self.max_tokens or work.num_partials > num_partials:
@@ -300,7 +312,8 @@ class StaticPlanBuffers:
                              f"exceeds capacity {self.max_items} items, {self.max_tokens} tokens, {num_partials} partials")
         copy_host_into(self.flat, torch.from_numpy(_host_table(work, self.max_tokens + 1)))
         return PackedCascadePlan(self.items, self.counts, self.merge_indptr, self.kv_indices, n_items,
-                                 num_partials, prefix_block_m, suffix_block_m_for(gqa_group_size), num_programs)
+                                 num_partials, prefix_block_m, suffix_block_m_for(gqa_group_size), num_programs,
+                                 plain_num_programs=plain_num_programs)
 
 
 def plan_packed_cascade(
@@ -325,7 +338,8 @@ def plan_packed_cascade(
     device = prefix_kv_indices.device
     plan_kwargs.setdefault("num_sms", num_sms_of(device))
     if "waves" not in plan_kwargs and head_dim is not None and dtype is not None:
-        plan_kwargs["waves"] = kernel_occupancy(device, dtype, head_dim, gqa, prefix_block_m=prefix_block_m)
+        tile = prefix_block_m if int(prefix_kv_indptr[-1]) > 0 else suffix_block_m_for(gqa)  # the launch's
+        plan_kwargs["waves"] = kernel_occupancy(device, dtype, head_dim, gqa, prefix_block_m=tile)
     plan_kwargs.setdefault("kv_align", BLOCK_N)
     work = plan_work(
         group_indptr.cpu().numpy(), prefix_kv_indptr.cpu().numpy(), suffix_kv_indptr.cpu().numpy(),
@@ -359,21 +373,30 @@ def run_packed_cascade(
     gqa = num_qo_heads // num_kv_heads
     o_partial = torch.empty(plan.num_partials, num_qo_heads, head_dim, dtype=torch.float32, device=q.device)
     lse_partial = torch.empty(plan.num_partials, num_qo_heads, dtype=torch.float32, device=q.device)
-    num_programs = plan.num_items if plan.num_programs is None else plan.num_programs
     lse_arg = lse if lse is not None else lse_partial
-    if num_programs:
-        _packed_attn_partial_kernel[(num_programs, num_kv_heads)](
-            q, k_buffer, v_buffer, plan.kv_indices, plan.items, plan.counts, plan.merge_indptr,
+    args = (q, k_buffer, v_buffer, plan.kv_indices, plan.items, plan.counts, plan.merge_indptr,
             o_partial, lse_partial, out, lse_arg, sm_scale * 1.4426950408889634,
             q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
             v_buffer.stride(0), v_buffer.stride(1), o_partial.stride(0), o_partial.stride(1),
-            lse_partial.stride(0), out.stride(0), out.stride(1), lse_arg.stride(0),
-            GQA=gqa, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-            PREFIX_BLOCK_M=plan.prefix_block_m, SUFFIX_BLOCK_M=plan.suffix_block_m, BLOCK_N=block_n,
-            DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16, PERSISTENT=plan.num_programs is not None,
-            STORE_LSE=lse is not None,
-            num_warps=num_warps or default_num_warps(plan.prefix_block_m, head_dim), num_stages=num_stages,
+            lse_partial.stride(0), out.stride(0), out.stride(1), lse_arg.stride(0))
+
+    def launch(grid: int, prefix_block_m: int, persistent: bool, role: int):
+        _packed_attn_partial_kernel[(grid, num_kv_heads)](
+            *args, GQA=gqa, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+            PREFIX_BLOCK_M=prefix_block_m, SUFFIX_BLOCK_M=plan.suffix_block_m, BLOCK_N=block_n,
+            DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16, PERSISTENT=persistent,
+            STORE_LSE=lse is not None, ROLE=role,
+            num_warps=num_warps or default_num_warps(prefix_block_m, head_dim), num_stages=num_stages,
         )
+
+    if plan.num_programs is None:  # eager: one program per item; plain decode gets the lighter tiles
+        if plan.num_items:
+            launch(plan.num_items, plan.prefix_block_m if plan.has_prefix else plan.suffix_block_m, False, 0)
+    elif plan.plain_num_programs is None:
+        launch(plan.num_programs, plan.prefix_block_m, True, 0)
+    else:  # graphs: the pair, one of which finds the plan's items (ROLE in the kernel's docstring)
+        launch(plan.num_programs, plan.prefix_block_m, True, 1)
+        launch(plan.plain_num_programs, plan.suffix_block_m, True, 2)
     if plan.num_programs is not None or plan.num_partials > plan.merge_indptr.numel() - 1:
         # graphs: any plan may split, and padding rows are zeroed here; eager: only if a request split
         merge_partials(o_partial, lse_partial, plan.merge_indptr, out, lse, skip_single=True)

@@ -29,7 +29,13 @@ from .config import get_config
 from .decode_step import DecodeStep, GraphBuffers, build_decode_step, run_decode_step
 from .grouping import ungrouped
 from .kernels.checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
-from .kernels.packed_cascade import kernel_occupancy, num_sms_of, packed_cascade_attention
+from .kernels.packed_cascade import (
+    PREFIX_BLOCK_M,
+    kernel_occupancy,
+    num_sms_of,
+    packed_cascade_attention,
+    suffix_block_m_for,
+)
 from .radix_cache import current_cache
 
 logger = logging.getLogger(__name__)
@@ -42,7 +48,7 @@ class PackInferAttnBackend(TritonAttnBackend):
         super().__init__(model_runner)
         self.config = get_config()
         self.num_sms = num_sms_of(torch.device(self.device))
-        self._waves: dict[bool, int] = {}  # kernel occupancy, by persistent (graphs) or not
+        self._waves: dict[tuple[bool, bool], int] = {}  # kernel occupancy, by (persistent, plain tiles)
         self._step: DecodeStep | None = None
         self._triton_ready = True  # whether TritonAttnBackend's metadata matches this batch
         self._batch = None
@@ -70,11 +76,12 @@ class PackInferAttnBackend(TritonAttnBackend):
         v_buffer = getattr(pool, "v_buffer", None)
         if not k_buffer or not v_buffer:
             return
-        self._occupancy(False)
-        one = torch.tensor([0, 1], dtype=torch.int32, device=dev)
-        q = torch.zeros(1, self.num_head, k_buffer[0].shape[-1], dtype=k_buffer[0].dtype, device=dev)
-        packed_cascade_attention(q, k_buffer[0], v_buffer[0], one, one.new_zeros(2), one[:0], one, one[1:],
-                                 1.0)
+        self._occupancy(False), self._occupancy(False, plain=True)
+        i32 = lambda *a: torch.tensor(a, dtype=torch.int32, device=dev)
+        q = torch.zeros(2, self.num_head, k_buffer[0].shape[-1], dtype=k_buffer[0].dtype, device=dev)
+        for group_indptr, prefix_kv_indptr in ((i32(0, 1, 2), i32(0, 0, 0)), (i32(0, 2), i32(0, 1))):  # plain, shared
+            packed_cascade_attention(q, k_buffer[0], v_buffer[0], group_indptr, prefix_kv_indptr, i32(0),
+                                     i32(0, 1, 2), i32(1, 2), 1.0)
         torch.cuda.synchronize(dev)
 
     # -- metadata -------------------------------------------------------------------------
@@ -90,6 +97,7 @@ class PackInferAttnBackend(TritonAttnBackend):
             self._step = build_decode_step(
                 groups, forward_batch.seq_lens_cpu, forward_batch.req_pool_indices, self.req_to_token,
                 self.num_head, self.num_kv_head, self.num_sms, waves=self._occupancy(False),
+                plain_waves=self._occupancy(False, plain=True),
             )
             self._host_us += (time.perf_counter() - start) * 1e6
             self._log_step(forward_batch.batch_size)
@@ -102,7 +110,7 @@ class PackInferAttnBackend(TritonAttnBackend):
         super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
         dev = torch.device(self.device)
         self._graph = GraphBuffers(max_num_tokens, self.max_context_len, self.num_kv_head, self.num_sms, dev,
-                                   waves=self._occupancy(True))
+                                   waves=self._occupancy(True), plain_waves=self._occupancy(True, plain=True))
         if self.config.verify:
             self._graph_errs = torch.zeros(_MAX_LAYERS, dtype=torch.float32, device=dev)
             self._graph_rows = torch.zeros(max_num_tokens, 1, dtype=torch.float32, device=dev)
@@ -138,16 +146,18 @@ class PackInferAttnBackend(TritonAttnBackend):
             self._host_us += (time.perf_counter() - start) * 1e6
             self._log_step(raw_bs)
 
-    def _occupancy(self, persistent: bool) -> int:
-        """Resident programs per multiprocessor of the packed kernel for this model (compiled once)."""
-        if persistent not in self._waves:
-            pool = self.token_to_kv_pool
-            self._waves[persistent] = kernel_occupancy(
-                torch.device(self.device), pool.dtype, getattr(pool, "head_dim", self.v_head_dim),
-                self.num_head // self.num_kv_head, persistent=persistent)
-            logger.info("packinfer: kernel occupancy %d programs per SM (%s)", self._waves[persistent],
-                        "CUDA graphs" if persistent else "eager")
-        return self._waves[persistent]
+    def _occupancy(self, persistent: bool, plain: bool = False) -> int:
+        """Resident programs per multiprocessor of the packed kernel for this model (compiled once):
+        the launch with 64-row prefix tiles, or (``plain``) the plain-decode one with suffix tiles."""
+        key = (persistent, plain)
+        if key not in self._waves:
+            pool, gqa = self.token_to_kv_pool, self.num_head // self.num_kv_head
+            self._waves[key] = kernel_occupancy(
+                torch.device(self.device), pool.dtype, getattr(pool, "head_dim", self.v_head_dim), gqa,
+                prefix_block_m=suffix_block_m_for(gqa) if plain else PREFIX_BLOCK_M, persistent=persistent)
+            logger.info("packinfer: kernel occupancy %d programs per SM (%s, %s tiles)", self._waves[key],
+                        "CUDA graphs" if persistent else "eager", "plain-decode" if plain else "prefix")
+        return self._waves[key]
 
     def _take_groups(self, seq_lens_cpu, batch_size):
         cache = current_cache()

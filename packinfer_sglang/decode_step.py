@@ -64,17 +64,21 @@ class GraphBuffers:
     ``num_programs`` x ``num_kv_heads`` programs that loop over however many items a step has.
     Partial states get ``PARTIALS_PER_REQUEST`` rows per (padded) request; plans are coarsened to fit.
     ``waves``: resident programs per multiprocessor (the persistent kernel's occupancy), so
-    ``num_programs * num_kv_heads`` fills the GPU once.
+    ``num_programs * num_kv_heads`` fills the GPU once. ``plain_waves``: the same for the kernel
+    compiled for plain decode (suffix-height tiles); when given, graphs capture both launches and
+    steps without prefix items run on that one (``plain_num_programs``).
     """
 
     PARTIALS_PER_REQUEST = 16
 
     def __init__(self, max_bs: int, max_context_len: int, num_kv_heads: int, num_sms: int,
-                 device: torch.device, waves: int = 2):
-        self.max_bs, self.waves = max_bs, waves
-        self.plan = StaticPlanBuffers(max_bs, 8 * (max_bs + num_sms * waves), max_bs * max_context_len, device)
+                 device: torch.device, waves: int = 2, plain_waves: int | None = None):
+        self.max_bs, self.waves, self.plain_waves = max_bs, waves, plain_waves
+        most = max(waves, plain_waves or 0)
+        self.plan = StaticPlanBuffers(max_bs, 8 * (max_bs + num_sms * most), max_bs * max_context_len, device)
         self.perm = torch.arange(max_bs, dtype=torch.int64, device=device)
         self.num_programs = max(1, num_sms * waves // num_kv_heads)
+        self.plain_num_programs = None if plain_waves is None else max(1, num_sms * plain_waves // num_kv_heads)
 
     def num_partials(self, padded_bs: int) -> int:
         return padded_bs * self.PARTIALS_PER_REQUEST
@@ -107,6 +111,7 @@ def build_decode_step(
     graph: GraphBuffers | None = None,
     padded_bs: int | None = None,
     waves: int = 2,
+    plain_waves: int | None = None,
 ) -> DecodeStep:
     """Builds a step's plan.
 
@@ -118,7 +123,8 @@ def build_decode_step(
         num_qo_heads, num_kv_heads: attention heads of this rank.
         num_sms: multiprocessors, for the chunk sizes of the work plan.
         waves: resident programs per multiprocessor (:func:`~.kernels.packed_cascade.kernel_occupancy`)
-            for eager steps; graph steps use ``graph.waves``.
+            for eager steps; graph steps use ``graph.waves``. ``plain_waves``: the same for steps
+            without prefix items, which run the plain-decode tiles (default ``waves``).
         graph: write the plan into these CUDA-graph buffers instead of fresh tensors; then
             ``padded_bs`` (>= ``num_tokens``) is the captured batch size whose extra rows are padding.
 
@@ -142,13 +148,17 @@ def build_decode_step(
 
     gqa = num_qo_heads // num_kv_heads
     limits = {} if graph is None else dict(max_items=graph.plan.max_items, max_partials=graph.num_partials(padded_bs))
+    if graph is not None:
+        waves, plain_waves = graph.waves, graph.plain_waves
+    plain = prefix_indptr[-1] == 0 and plain_waves is not None
     work = plan_work(groups.group_indptr, prefix_indptr, suffix_indptr, gqa_group_size=gqa,
                      num_kv_heads=num_kv_heads, prefix_block_m=PREFIX_BLOCK_M, num_sms=num_sms,
-                     waves=waves if graph is None else graph.waves, kv_align=BLOCK_N, **limits)
+                     waves=plain_waves if plain else waves, kv_align=BLOCK_N, **limits)
     if graph is None:
         perm = None if groups.is_identity else _to_device(groups.order, dev)
         return DecodeStep(make_plan(work, kv_indices, gqa), perm, groups)
-    plan = graph.plan.write(work, gqa, graph.num_programs, graph.num_partials(padded_bs))
+    plan = graph.plan.write(work, gqa, graph.num_programs, graph.num_partials(padded_bs),
+                            plain_num_programs=graph.plain_num_programs)
     perm = np.arange(padded_bs, dtype=np.int64)
     perm[:num_tokens] = groups.order
     copy_host_into(graph.perm, torch.from_numpy(perm))
