@@ -23,39 +23,35 @@ LN2 = 0.6931471805599453
 def _merge_partials_kernel(
     O_Partial, LSE_Partial, Merge_Indptr, Out, LSE_Out,
     stride_pr, stride_ph, stride_lr,
-    stride_ot, stride_oh, stride_lt, num_heads,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, STORE_LSE: tl.constexpr,
-    SKIP_SINGLE: tl.constexpr,
+    stride_ot, stride_oh, stride_lt,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, STORE_LSE: tl.constexpr, SKIP_SINGLE: tl.constexpr,
 ):
-    """One request (``program_id(0)``) and ``BLOCK_H`` of its heads per program."""
     tok = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
     start = tl.load(Merge_Indptr + tok)
     end = tl.load(Merge_Indptr + tok + 1)
     if SKIP_SINGLE:
         if end - start == 1:
             return  # the partial kernel wrote this row's output itself
-    head = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_h = head < num_heads
-    mask = mask_h[:, None] & (offs_d < HEAD_DIM)[None, :]
 
-    m_i = tl.full([BLOCK_H], -float("inf"), dtype=tl.float32)
-    s_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    m_i = -float("inf")
+    s_i = 0.0
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for r in range(start, end):
-        lse2 = tl.load(LSE_Partial + r * stride_lr + head, mask=mask_h, other=0.0) * 1.4426950408889634
-        o = tl.load(O_Partial + r * stride_pr + head[:, None] * stride_ph + offs_d[None, :], mask=mask, other=0.0)
+        lse2 = tl.load(LSE_Partial + r * stride_lr + head) * 1.4426950408889634
+        o = tl.load(O_Partial + r * stride_pr + head * stride_ph + offs_d, mask=mask_d, other=0.0)
         m_new = tl.maximum(m_i, lse2)
         alpha = tl.exp2(m_i - m_new)
         w = tl.exp2(lse2 - m_new)
-        acc = acc * alpha[:, None] + w[:, None] * o
+        acc = acc * alpha + w * o
         s_i = s_i * alpha + w
         m_i = m_new
-    o = tl.where(s_i[:, None] > 0, acc / tl.maximum(s_i, 1e-30)[:, None], 0.0)  # no partials (padding): 0
-    tl.store(Out + tok * stride_ot + head[:, None] * stride_oh + offs_d[None, :], o.to(Out.dtype.element_ty),
-             mask=mask)
+    o = tl.where(s_i > 0, acc / tl.maximum(s_i, 1e-30), 0.0)  # a row without partials (padding) is 0
+    tl.store(Out + tok * stride_ot + head * stride_oh + offs_d, o.to(Out.dtype.element_ty), mask=mask_d)
     if STORE_LSE:
-        tl.store(LSE_Out + tok * stride_lt + head, (m_i + tl.log2(s_i)) * 0.6931471805599453, mask=mask_h)
+        tl.store(LSE_Out + tok * stride_lt + head, (m_i + tl.log2(s_i)) * 0.6931471805599453)
 
 
 def merge_partials(
@@ -82,11 +78,10 @@ def merge_partials(
     if num_tokens == 0:
         return
     lse_arg = lse_out if lse_out is not None else lse_partial
-    block_h = min(16, triton.next_power_of_2(num_qo_heads))
-    _merge_partials_kernel[(num_tokens, triton.cdiv(num_qo_heads, block_h))](
+    _merge_partials_kernel[(num_tokens, num_qo_heads)](
         o_partial, lse_partial, merge_indptr, out, lse_arg,
         o_partial.stride(0), o_partial.stride(1), lse_partial.stride(0),
-        out.stride(0), out.stride(1), lse_arg.stride(0), num_qo_heads,
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_H=block_h,
-        STORE_LSE=lse_out is not None, SKIP_SINGLE=skip_single, num_warps=4,
+        out.stride(0), out.stride(1), lse_arg.stride(0),
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), STORE_LSE=lse_out is not None, SKIP_SINGLE=skip_single,
+        num_warps=1 if head_dim <= 64 else 2,
     )
