@@ -50,8 +50,9 @@ def make_batch(batch, num_groups, prefix, suffix, device, seed=0):
 
 
 def profile_case(name, steps, device) -> dict:
-    from packinfer_sglang.decode_step import GraphBuffers, build_decode_step
     from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of
+
+    from packinfer_sglang.decode_step import GraphBuffers, build_decode_step
     batch, num_groups, prefix, suffix = CASES[name]
     groups, lens, rows, req_to_token = make_batch(batch, num_groups, prefix, suffix, device)
     num_sms = num_sms_of(device)

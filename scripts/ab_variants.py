@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""A/B studies of the packed kernel's planner and launch choices on a few cases (GPU only; ours only).
+
+``--study order``: the planner's item orders, each switched off in turn (chunk-major prefix items,
+longest-first suffix items), flat and persistent launches. ``--study tiles``: plain-decode
+(no-prefix) cases with the kernel compiled for 64-row prefix tiles against suffix-height tiles,
+and a few warps / stages / block_n / no-split variants. Every variant is checked against the fp32
+oracle, then timed like ``bench_kernel.py`` (CUDA-graph replay median, L2 warm); baselines are not
+re-timed (compare with the grid of the same GPU). Writes ``ab_<study>.json`` under ``--out-dir``.
+
+    python scripts/ab_variants.py --study order --out-dir out/ab
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_kernel as bk
+import kernel_cases as kc
+
+ORDER_CASES = ("B64_P4096_S256,B8_P4096_S256,B16_P2048_S512,B64_P4096_S32,B64_P16384_S256,"
+               "B64_P4096_S256_qwen2.5-7b,B64_P4096_S256_llama3-70b-tp8,B128_P0_S2048_het,B256_P0_S1024,"
+               "B256_P2048_S256_zipf16_het,B64_P4096_S256_het")
+TILE_CASES = "B256_P0_S1024,B128_P0_S2048_het,B64_P0_S4096,B16_P0_S8192,B64_P0_S4096_qwen2.5-7b"
+# prefix_block_m (16: the suffix tile height, what plain decode now launches), warps, stages, block_n
+TILE_VARIANTS = [
+    {"pbm": 64, "w": 4, "st": 3, "n": 64}, {"pbm": 16, "w": 4, "st": 3, "n": 64},
+    {"pbm": 16, "w": 2, "st": 3, "n": 64}, {"pbm": 16, "w": 8, "st": 3, "n": 64},
+    {"pbm": 16, "w": 4, "st": 4, "n": 64}, {"pbm": 16, "w": 4, "st": 3, "n": 128},
+    {"pbm": 16, "w": 4, "st": 4, "n": 32}, {"pbm": 64, "w": 4, "st": 3, "n": 64, "nosplit": True},
+    {"pbm": 16, "w": 4, "st": 3, "n": 64, "nosplit": True},
+]
+
+
+def time_variant(kern, inp, ref, tol, *, pbm=64, w=4, st=3, n=64, nosplit=False, persistent=False) -> dict:
+    """Plans and runs ours with the given launch (``pbm``: the kernel's ``PREFIX_BLOCK_M``)."""
+    from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of
+    dev, num_kv_heads = inp.q.device, inp.k_buffer.shape[1]
+    launch = {"block_n": n, "num_warps": w, "num_stages": st}
+    occ = kernel_occupancy(dev, inp.k_buffer.dtype, inp.q.shape[2], inp.q.shape[1] // num_kv_heads,
+                           prefix_block_m=pbm, persistent=persistent, **launch)
+    plan = kern.plan_packed_cascade(*inp[3:8], inp.q.shape[1], num_kv_heads, waves=occ, prefix_block_m=pbm,
+                                    kv_align=n, **({"suffix_chunk": 1 << 20} if nosplit else {}))
+    if persistent:
+        plan = plan._replace(num_programs=max(1, num_sms_of(dev) * occ // num_kv_heads))
+    else:  # plan_packed_cascade launches plain plans with suffix tiles; force the asked-for tile
+        plan = plan._replace(has_prefix=True, prefix_block_m=pbm)
+    out = torch.full_like(inp.q, float("nan"))
+
+    def run():
+        kern.run_packed_cascade(inp.q, inp.k_buffer, inp.v_buffer, plan, inp.sm_scale, out, **launch)
+    run()
+    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    return {"occupancy": occ, "items": plan.num_items, "rel_err": err,
+            "us": bk.time_us(run, 5.0) if err <= tol else None}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--study", choices=("order", "tiles"), required=True)
+    p.add_argument("--cases", help="comma-separated exact case names of the full grid")
+    p.add_argument("--out-dir", type=Path, default=Path("out/ab"))
+    args = p.parse_args(argv)
+    from packinfer_sglang.kernels import plan as planner
+    dev, kern = torch.device("cuda"), bk.import_kernels()
+    by_name = {c.name: c for c in kc.full_grid()}
+    keep = lambda items, *_: items
+    orders = {"both": (planner._chunk_major, planner._longest_first),
+              "no_chunk_major": (keep, planner._longest_first),
+              "no_longest_first": (planner._chunk_major, keep), "neither": (keep, keep)}
+    rows = []
+    for name in (args.cases or (ORDER_CASES if args.study == "order" else TILE_CASES)).split(","):
+        inp = kc.make_inputs(by_name[name], dev)
+        ref = kern.reference.packed_cascade_attention_ref(*inp.cascade_args())[0]
+        tol = bk.TOLERANCE[by_name[name].dtype]
+        variants = ([{"order": o} for o in orders] if args.study == "order" else TILE_VARIANTS)
+        for var in variants:
+            for persistent in (False, True):
+                if args.study == "order":
+                    planner._chunk_major, planner._longest_first = orders[var["order"]]
+                    r = time_variant(kern, inp, ref, tol, persistent=persistent)
+                else:
+                    r = time_variant(kern, inp, ref, tol, persistent=persistent, **var)
+                rows.append({"case": name, **var, "persistent": persistent, **r})
+        planner._chunk_major, planner._longest_first = orders["both"]
+        mine = [r for r in rows if r["case"] == name]
+        print(name, " ".join(f"{'/'.join(str(v) for k, v in r.items() if k in ('order', 'pbm', 'w', 'st', 'n'))}"
+                             f"{'/ns' if r.get('nosplit') else ''}{'P' if r['persistent'] else 'F'}:"
+                             f"{r['us'] or float('nan'):.1f}" for r in mine), flush=True)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"ab_{args.study}.json"
+    path.write_text(json.dumps({"meta": bk.environment(dev), "study": args.study, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
