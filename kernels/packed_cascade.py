@@ -38,6 +38,54 @@ NUM_STAGES = 3  # software-pipelined KV loads; 2 ran 25-30% slower on H100 (benc
 
 
 @triton.jit
+def _attend_block(
+    q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, start_n, kv_head, sm_scale_log2, m_i, l_i, acc,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    TAIL: tl.constexpr,
+):
+    """One online-softmax step of a tile over KV positions ``start_n + [0, BLOCK_N)`` of its chunk;
+    returns the updated ``(m_i, l_i, acc)`` (``m_i`` in base 2). ``TAIL``: the last, partial block
+    (positions past ``kv_len`` masked); whole blocks load unmasked (``BLOCK_D == HEAD_DIM``)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    if TAIL:
+        mask_n = start_n + offs_n < kv_len
+        slots = tl.load(KV_Indices + kv_start + start_n + offs_n, mask=mask_n, other=0).to(tl.int64)
+        mask_kv = mask_n[:, None] & (offs_d < HEAD_DIM)[None, :]
+        k = tl.load(K_Buffer + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                    mask=mask_kv, other=0.0)
+        v = tl.load(V_Buffer + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                    mask=mask_kv, other=0.0)
+    elif BLOCK_D == HEAD_DIM:
+        slots = tl.load(KV_Indices + kv_start + start_n + offs_n).to(tl.int64)
+        k = tl.load(K_Buffer + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :])
+        v = tl.load(V_Buffer + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :])
+    else:
+        slots = tl.load(KV_Indices + kv_start + start_n + offs_n).to(tl.int64)
+        mask_d = (offs_d < HEAD_DIM)[None, :]
+        k = tl.load(K_Buffer + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                    mask=mask_d, other=0.0)
+        v = tl.load(V_Buffer + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                    mask=mask_d, other=0.0)
+    if DOT_FP32:  # Triton's CPU interpreter multiplies bf16 wrongly (triton 3.6)
+        qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * sm_scale_log2
+    else:
+        qk = tl.dot(q, tl.trans(k)) * sm_scale_log2
+    if TAIL:
+        qk = tl.where(mask_n[None, :], qk, -float("inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.exp2(qk - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DOT_FP32:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attend_item(
     Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
     item, kv_head, sm_scale_log2,
@@ -55,7 +103,6 @@ def _attend_item(
     slot = tl.load(Items + item * 5 + 4)
 
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < qo_len * GQA
     mask_d = offs_d < HEAD_DIM
@@ -67,28 +114,15 @@ def _attend_item(
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, kv_len, BLOCK_N):
-        mask_n = start_n + offs_n < kv_len
-        slots = tl.load(KV_Indices + kv_start + start_n + offs_n, mask=mask_n, other=0).to(tl.int64)
-        mask_kv = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K_Buffer + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                    mask=mask_kv, other=0.0)
-        if DOT_FP32:  # Triton's CPU interpreter multiplies bf16 wrongly (triton 3.6)
-            qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * sm_scale_log2
-        else:
-            qk = tl.dot(q, tl.trans(k)) * sm_scale_log2
-        qk = tl.where(mask_n[None, :], qk, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V_Buffer + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                    mask=mask_kv, other=0.0)
-        if DOT_FP32:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    kv_full = kv_len // BLOCK_N * BLOCK_N
+    for start_n in range(0, kv_full, BLOCK_N):  # whole blocks: no masks, so the loads pipeline freely
+        m_i, l_i, acc = _attend_block(q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, start_n, kv_head,
+                                      sm_scale_log2, m_i, l_i, acc, stride_kt, stride_kh, stride_vt, stride_vh,
+                                      HEAD_DIM, BLOCK_D, BLOCK_N, DOT_FP32, False)
+    if kv_full < kv_len:
+        m_i, l_i, acc = _attend_block(q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, kv_full, kv_head,
+                                      sm_scale_log2, m_i, l_i, acc, stride_kt, stride_kh, stride_vt, stride_vh,
+                                      HEAD_DIM, BLOCK_D, BLOCK_N, DOT_FP32, True)
 
     first = tl.load(Merge_Indptr + tok, mask=mask_m, other=0)
     final = mask_m & (tl.load(Merge_Indptr + tok + 1, mask=mask_m, other=0) - first == 1)
@@ -111,19 +145,20 @@ def _packed_attn_partial_kernel(
     sm_scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
-    GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    GQA: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PREFIX_BLOCK_M: tl.constexpr, SUFFIX_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, PERSISTENT: tl.constexpr, STORE_LSE: tl.constexpr, ROLE: tl.constexpr,
 ):
     """Prefix items (``PREFIX_BLOCK_M`` rows: a group's requests x GQA) then suffix items
     (``SUFFIX_BLOCK_M`` rows: one request x GQA), all in one launch. ``Counts`` holds
-    ``(num_items, num_prefix_items)`` in device memory. ``PERSISTENT``: a fixed grid (CUDA graphs)
-    replays any plan, program ``p`` running items ``p, p + num_programs, ...``; otherwise program
-    ``p`` runs item ``p`` (one program per item, straight-line code). ``ROLE`` (persistent only):
+    ``(num_items, num_prefix_items)`` in device memory. Work unit ``w`` is item ``w // NUM_KV_HEADS``
+    for KV head ``w % NUM_KV_HEADS``: the heads of an item are adjacent, so the launch order is the
+    plan's item order (longest first) across all heads. ``PERSISTENT``: a fixed grid (CUDA graphs)
+    replays any plan, program ``p`` running units ``p, p + num_programs, ...``; otherwise program
+    ``p`` runs unit ``p`` (one program per unit, straight-line code). ``ROLE`` (persistent only):
     0 runs every plan; a graph captures a pair, 1 (compiled with 64-row prefix tiles) running plans
     with prefix items and 2 (compiled with suffix-height tiles: fewer registers, more resident
     programs) running plans without, the other one of the pair finding nothing to do."""
-    kv_head = tl.program_id(1)
     num_prefix_items = tl.load(Counts + 1)
     if PERSISTENT:
         num_items = tl.load(Counts)
@@ -131,15 +166,16 @@ def _packed_attn_partial_kernel(
             num_items = tl.where(num_prefix_items > 0, num_items, 0)
         elif ROLE == 2:
             num_items = tl.where(num_prefix_items == 0, num_items, 0)
-        for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
+        for unit in range(tl.program_id(0), num_items * NUM_KV_HEADS, tl.num_programs(0)):
             _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial, Out,
-                        LSE_Out, item, num_prefix_items, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt,
+                        LSE_Out, unit // NUM_KV_HEADS, num_prefix_items, unit % NUM_KV_HEADS, sm_scale_log2, stride_qt, stride_qh, stride_kt,
                         stride_kh, stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot, stride_oh,
                         stride_lt, GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32,
                         STORE_LSE)
     else:
+        unit = tl.program_id(0)
         _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
-                    tl.program_id(0), num_prefix_items, kv_head, sm_scale_log2, stride_qt, stride_qh,
+                    unit // NUM_KV_HEADS, num_prefix_items, unit % NUM_KV_HEADS, sm_scale_log2, stride_qt, stride_qh,
                     stride_kt, stride_kh, stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot,
                     stride_oh, stride_lt, GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, SUFFIX_BLOCK_M, BLOCK_N,
                     DOT_FP32, STORE_LSE)
@@ -184,7 +220,7 @@ class PackedCascadePlan(NamedTuple):
     num_partials: int  # rows of the float32 partial buffers (a capacity in static plans)
     prefix_block_m: int
     suffix_block_m: int
-    num_programs: int | None = None  # grid size along items; None: one program per item
+    num_programs: int | None = None  # persistent programs per KV head; None: one program per item and head
     has_prefix: bool = True  # whether there are prefix items (static plans: whether there may be)
     plain_num_programs: int | None = None  # static plans: grid of the plain-decode launch (ROLE 2)
 
@@ -221,10 +257,10 @@ def kernel_occupancy(
         q, kv, kv, i32, i32, i32, i32, f32, f32[:, :, 0], q, f32[:, :, 0], 1.0, q.stride(0), q.stride(1),
         kv.stride(0), kv.stride(1), kv.stride(0), kv.stride(1), f32.stride(0), f32.stride(1), gqa_group_size,
         q.stride(0), q.stride(1), gqa_group_size,
-        GQA=gqa_group_size, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        GQA=gqa_group_size, NUM_KV_HEADS=1, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         PREFIX_BLOCK_M=prefix_block_m, SUFFIX_BLOCK_M=suffix_block_m_for(gqa_group_size), BLOCK_N=block_n,
         DOT_FP32=False, PERSISTENT=persistent, STORE_LSE=False, ROLE=0, num_warps=num_warps, num_stages=num_stages,
-        grid=(1, 1),
+        grid=(1,),
     )
     compiled._init_handles()
     props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
@@ -381,8 +417,8 @@ def run_packed_cascade(
             lse_partial.stride(0), out.stride(0), out.stride(1), lse_arg.stride(0))
 
     def launch(grid: int, prefix_block_m: int, persistent: bool, role: int):
-        _packed_attn_partial_kernel[(grid, num_kv_heads)](
-            *args, GQA=gqa, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        _packed_attn_partial_kernel[(grid * num_kv_heads,)](
+            *args, GQA=gqa, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
             PREFIX_BLOCK_M=prefix_block_m, SUFFIX_BLOCK_M=plan.suffix_block_m, BLOCK_N=block_n,
             DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16, PERSISTENT=persistent,
             STORE_LSE=lse is not None, ROLE=role,

@@ -4,7 +4,10 @@
 ``--study order``: the planner's item orders, each switched off in turn (chunk-major prefix items,
 longest-first suffix items), flat and persistent launches. ``--study tiles``: plain-decode
 (no-prefix) cases with the kernel compiled for 64-row prefix tiles against suffix-height tiles,
-and a few warps / stages / block_n / no-split variants. Every variant is checked against the fp32
+and a few warps / stages / block_n / no-split variants. ``--study prefix``: the cases with groups of
+many prefix row blocks (the 2x-floor misses of issue 4) and a few anchors, with 64- and 128-row
+prefix tiles, warps, stages, block_n and prefix chunks doubled (fewer partials); each row also
+times the merge launch alone on the same plan. Every variant is checked against the fp32
 oracle, then timed like ``bench_kernel.py`` (CUDA-graph replay median, L2 warm); baselines are not
 re-timed (compare with the grid of the same GPU). Writes ``ab_<study>.json`` under ``--out-dir``.
 
@@ -38,7 +41,21 @@ TILE_VARIANTS = [
 ]
 
 
-def time_variant(kern, inp, ref, tol, *, pbm=64, w=4, st=3, n=64, nosplit=False, persistent=False) -> dict:
+PREFIX_CASES = ("B64_P4096_S32,B64_P16384_S256,B64_P4096_S256_qwen2.5-7b,B64_P4096_S256_llama3-70b-tp8,"
+                "B64_P4096_S256,B256_P2048_S256,B8_P512_S64,B16_P2048_S512,B32_P8192_S1024,B128_P4096_S256,"
+                "B256_P2048_S256_G8_qwen2.5-7b,B16_P2048_S512_llama3-70b-tp8")
+PREFIX_VARIANTS = [
+    {"pbm": 64, "w": 4, "st": 3, "n": 64}, {"pbm": 64, "w": 4, "st": 3, "n": 64, "pmult": 2},
+    {"pbm": 64, "w": 4, "st": 4, "n": 64}, {"pbm": 64, "w": 4, "st": 3, "n": 128},
+    {"pbm": 64, "w": 8, "st": 3, "n": 64}, {"pbm": 128, "w": 8, "st": 3, "n": 64},
+    {"pbm": 128, "w": 8, "st": 2, "n": 64}, {"pbm": 128, "w": 8, "st": 2, "n": 128},
+    {"pbm": 128, "w": 8, "st": 3, "n": 32}, {"pbm": 128, "w": 8, "st": 3, "n": 64, "pmult": 2},
+    {"pbm": 128, "w": 4, "st": 3, "n": 64}, {"pbm": 32, "w": 4, "st": 3, "n": 64},
+]
+
+
+def time_variant(kern, inp, ref, tol, *, pbm=64, w=4, st=3, n=64, nosplit=False, pmult=1, persistent=False,
+                 merge=False) -> dict:
     """Plans and runs ours with the given launch (``pbm``: the kernel's ``PREFIX_BLOCK_M``)."""
     from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of
     dev, num_kv_heads = inp.q.device, inp.k_buffer.shape[1]
@@ -47,6 +64,14 @@ def time_variant(kern, inp, ref, tol, *, pbm=64, w=4, st=3, n=64, nosplit=False,
                            prefix_block_m=pbm, persistent=persistent, **launch)
     plan = kern.plan_packed_cascade(*inp[3:8], inp.q.shape[1], num_kv_heads, waves=occ, prefix_block_m=pbm,
                                     kv_align=n, **({"suffix_chunk": 1 << 20} if nosplit else {}))
+    if pmult != 1 and plan.has_prefix:  # the same plan with prefix chunks pmult times longer
+        from packinfer_sglang.kernels.plan import plan_work
+        args = [a.cpu().numpy() for a in (inp[3], inp[4], inp[6])]
+        auto = plan_work(*args, gqa_group_size=inp.q.shape[1] // num_kv_heads, num_kv_heads=num_kv_heads,
+                         prefix_block_m=pbm, num_sms=num_sms_of(dev), waves=occ, kv_align=n)
+        plan = kern.plan_packed_cascade(*inp[3:8], inp.q.shape[1], num_kv_heads, waves=occ, prefix_block_m=pbm,
+                                        kv_align=n, prefix_chunk=pmult * auto.prefix_chunk,
+                                        suffix_chunk=auto.suffix_chunk)
     if persistent:
         plan = plan._replace(num_programs=max(1, num_sms_of(dev) * occ // num_kv_heads))
     else:  # plan_packed_cascade launches plain plans with suffix tiles; force the asked-for tile
@@ -57,14 +82,23 @@ def time_variant(kern, inp, ref, tol, *, pbm=64, w=4, st=3, n=64, nosplit=False,
         kern.run_packed_cascade(inp.q, inp.k_buffer, inp.v_buffer, plan, inp.sm_scale, out, **launch)
     run()
     err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-    return {"occupancy": occ, "items": plan.num_items, "rel_err": err,
-            "us": bk.time_us(run, 5.0) if err <= tol else None}
+    row = {"occupancy": occ, "items": plan.num_items, "partials": plan.num_partials, "rel_err": err,
+           "us": bk.time_us(run, 5.0) if err <= tol else None}
+    if merge:  # the merge launch alone, on this plan's partial buffers
+        from packinfer_sglang.kernels.merge import merge_partials
+        hq, d = inp.q.shape[1], inp.q.shape[2]
+        o_p = torch.zeros(plan.num_partials, hq, d, dtype=torch.float32, device=dev)
+        lse_p = torch.zeros(plan.num_partials, hq, dtype=torch.float32, device=dev)
+        row["merge_us"] = bk.time_us(lambda: merge_partials(o_p, lse_p, plan.merge_indptr, out, None,
+                                                            skip_single=True), 5.0)
+    return row
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--study", choices=("order", "tiles"), required=True)
+    p.add_argument("--study", choices=("order", "tiles", "prefix"), required=True)
     p.add_argument("--cases", help="comma-separated exact case names of the full grid")
+    p.add_argument("--variants", help="comma-separated indices into the study's variant list (default: all)")
     p.add_argument("--out-dir", type=Path, default=Path("out/ab"))
     args = p.parse_args(argv)
     from packinfer_sglang.kernels import plan as planner
@@ -75,23 +109,27 @@ def main(argv=None) -> int:
               "no_chunk_major": (keep, planner._longest_first),
               "no_longest_first": (planner._chunk_major, keep), "neither": (keep, keep)}
     rows = []
-    for name in (args.cases or (ORDER_CASES if args.study == "order" else TILE_CASES)).split(","):
+    default_cases = {"order": ORDER_CASES, "tiles": TILE_CASES, "prefix": PREFIX_CASES}[args.study]
+    for name in (args.cases or default_cases).split(","):
         inp = kc.make_inputs(by_name[name], dev)
         ref = kern.reference.packed_cascade_attention_ref(*inp.cascade_args())[0]
         tol = bk.TOLERANCE[by_name[name].dtype]
-        variants = ([{"order": o} for o in orders] if args.study == "order" else TILE_VARIANTS)
+        variants = {"order": [{"order": o} for o in orders], "tiles": TILE_VARIANTS,
+                    "prefix": PREFIX_VARIANTS}[args.study]
+        if args.variants:
+            variants = [variants[int(i)] for i in args.variants.split(",")]
         for var in variants:
             for persistent in (False, True):
                 if args.study == "order":
                     planner._chunk_major, planner._longest_first = orders[var["order"]]
                     r = time_variant(kern, inp, ref, tol, persistent=persistent)
                 else:
-                    r = time_variant(kern, inp, ref, tol, persistent=persistent, **var)
+                    r = time_variant(kern, inp, ref, tol, persistent=persistent, merge=args.study == "prefix", **var)
                 rows.append({"case": name, **var, "persistent": persistent, **r})
         planner._chunk_major, planner._longest_first = orders["both"]
         mine = [r for r in rows if r["case"] == name]
         print(name, " ".join(f"{'/'.join(str(v) for k, v in r.items() if k in ('order', 'pbm', 'w', 'st', 'n'))}"
-                             f"{'/ns' if r.get('nosplit') else ''}{'P' if r['persistent'] else 'F'}:"
+                             f"{'/ns' if r.get('nosplit') else ''}{'/x2' if r.get('pmult', 1) != 1 else ''}{'P' if r['persistent'] else 'F'}:"
                              f"{r['us'] or float('nan'):.1f}" for r in mine), flush=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"ab_{args.study}.json"

@@ -62,7 +62,7 @@ def test_unsplit_plan_writes_outputs_directly(heads):
     check(args, torch.float16, suffix_chunk=128)
 
 
-@pytest.mark.parametrize("head_dim", [64, 128] + ([256] if HAS_CUDA else []))
+@pytest.mark.parametrize("head_dim", [64, 96, 128] + ([256] if HAS_CUDA else []))
 def test_head_dims_and_default_plan(head_dim):
     args = make_batch([3, 2], [65, 130], [3, 1, 40, 2, 7], 8, 2, head_dim, torch.bfloat16)
     check(args, torch.bfloat16)
