@@ -142,13 +142,12 @@ def _attend_item(
 @triton.jit
 def _packed_attn_partial_kernel(
     Q, K_Buffer, V_Buffer, KV_Indices, Items, Counts, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
-    Work_Counter, sm_scale_log2,
+    sm_scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
     GQA: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PREFIX_BLOCK_M: tl.constexpr, SUFFIX_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, PERSISTENT: tl.constexpr, STORE_LSE: tl.constexpr, ROLE: tl.constexpr,
-    DYNAMIC: tl.constexpr,
 ):
     """Prefix items (``PREFIX_BLOCK_M`` rows: a group's requests x GQA) then suffix items
     (``SUFFIX_BLOCK_M`` rows: one request x GQA), all in one launch. ``Counts`` holds
@@ -167,27 +166,12 @@ def _packed_attn_partial_kernel(
             num_items = tl.where(num_prefix_items > 0, num_items, 0)
         elif ROLE == 2:
             num_items = tl.where(num_prefix_items == 0, num_items, 0)
-        if DYNAMIC:  # units handed out by a ticket counter, in plan order, to whichever program is free
-            unit = tl.atomic_add(Work_Counter, 1)
-            while unit < num_items * NUM_KV_HEADS:
-                _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial, Out,
-                            LSE_Out, unit // NUM_KV_HEADS, num_prefix_items, unit % NUM_KV_HEADS, sm_scale_log2,
-                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_pr, stride_ph,
-                            stride_lr, stride_ot, stride_oh, stride_lt, GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M,
-                            SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE)
-                unit = tl.atomic_add(Work_Counter, 1)
-            # the last program out (every other one has taken its final ticket) resets the counter
-            # for the next launch, which the stream orders after this one
-            if tl.atomic_add(Work_Counter + 1, 1) == tl.num_programs(0) - 1:
-                tl.atomic_xchg(Work_Counter, 0)
-                tl.atomic_xchg(Work_Counter + 1, 0)
-        else:
-            for unit in range(tl.program_id(0), num_items * NUM_KV_HEADS, tl.num_programs(0)):
-                _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial, Out,
-                            LSE_Out, unit // NUM_KV_HEADS, num_prefix_items, unit % NUM_KV_HEADS, sm_scale_log2,
-                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_pr, stride_ph,
-                            stride_lr, stride_ot, stride_oh, stride_lt, GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M,
-                            SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE)
+        for unit in range(tl.program_id(0), num_items * NUM_KV_HEADS, tl.num_programs(0)):
+            _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial, Out,
+                        LSE_Out, unit // NUM_KV_HEADS, num_prefix_items, unit % NUM_KV_HEADS, sm_scale_log2, stride_qt, stride_qh, stride_kt,
+                        stride_kh, stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot, stride_oh,
+                        stride_lt, GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32,
+                        STORE_LSE)
     else:
         unit = tl.program_id(0)
         _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
@@ -239,7 +223,6 @@ class PackedCascadePlan(NamedTuple):
     num_programs: int | None = None  # persistent programs per KV head; None: one program per item and head
     has_prefix: bool = True  # whether there are prefix items (static plans: whether there may be)
     plain_num_programs: int | None = None  # static plans: grid of the plain-decode launch (ROLE 2)
-    work_counter: torch.Tensor | None = None  # [2] int32 zeros: persistent launches' tickets (reset by them)
 
 
 def num_sms_of(device: torch.device) -> int:
@@ -271,12 +254,12 @@ def kernel_occupancy(
     i32 = torch.zeros(16, dtype=torch.int32, device=device)
     f32 = torch.zeros(16, gqa_group_size, head_dim, dtype=torch.float32, device=device)
     compiled = _packed_attn_partial_kernel.warmup(
-        q, kv, kv, i32, i32, i32, i32, f32, f32[:, :, 0], q, f32[:, :, 0], i32, 1.0, q.stride(0), q.stride(1),
+        q, kv, kv, i32, i32, i32, i32, f32, f32[:, :, 0], q, f32[:, :, 0], 1.0, q.stride(0), q.stride(1),
         kv.stride(0), kv.stride(1), kv.stride(0), kv.stride(1), f32.stride(0), f32.stride(1), gqa_group_size,
         q.stride(0), q.stride(1), gqa_group_size,
         GQA=gqa_group_size, NUM_KV_HEADS=1, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         PREFIX_BLOCK_M=prefix_block_m, SUFFIX_BLOCK_M=suffix_block_m_for(gqa_group_size), BLOCK_N=block_n,
-        DOT_FP32=False, PERSISTENT=persistent, STORE_LSE=False, ROLE=0, DYNAMIC=persistent, num_warps=num_warps, num_stages=num_stages,
+        DOT_FP32=False, PERSISTENT=persistent, STORE_LSE=False, ROLE=0, num_warps=num_warps, num_stages=num_stages,
         grid=(1,),
     )
     compiled._init_handles()
@@ -351,7 +334,6 @@ class StaticPlanBuffers:
         self.merge_indptr = self.flat[2 : 3 + max_tokens]
         self.items = self.flat[3 + max_tokens :].view(max_items, ITEM_FIELDS)
         self.kv_indices = torch.zeros(max(1, max_kv_tokens), dtype=torch.int32, device=device)
-        self.work_counter = torch.zeros(2, dtype=torch.int32, device=device)
 
     def write(self, work: WorkPlan, gqa_group_size: int, num_programs: int, num_partials: int,
               prefix_block_m: int = PREFIX_BLOCK_M, plain_num_programs: int | None = None) -> PackedCascadePlan:
@@ -367,7 +349,7 @@ class StaticPlanBuffers:
         copy_host_into(self.flat, torch.from_numpy(_host_table(work, self.max_tokens + 1)))
         return PackedCascadePlan(self.items, self.counts, self.merge_indptr, self.kv_indices, n_items,
                                  num_partials, prefix_block_m, suffix_block_m_for(gqa_group_size), num_programs,
-                                 plain_num_programs=plain_num_programs, work_counter=self.work_counter)
+                                 plain_num_programs=plain_num_programs)
 
 
 def plan_packed_cascade(
@@ -416,7 +398,6 @@ def run_packed_cascade(
     block_n: int = BLOCK_N,
     num_warps: int | None = None,
     num_stages: int = NUM_STAGES,
-    dynamic: bool = True,
 ) -> None:
     """Runs a planned step for one layer, writing ``out`` (and ``lse``) in place. Inputs unchecked:
     :func:`packed_cascade_attention` validates them. Rows of ``out`` past the plan's requests (padding
@@ -429,11 +410,8 @@ def run_packed_cascade(
     o_partial = torch.empty(plan.num_partials, num_qo_heads, head_dim, dtype=torch.float32, device=q.device)
     lse_partial = torch.empty(plan.num_partials, num_qo_heads, dtype=torch.float32, device=q.device)
     lse_arg = lse if lse is not None else lse_partial
-    counter = plan.work_counter
-    if counter is None:
-        counter = torch.zeros(2, dtype=torch.int32, device=q.device) if plan.num_programs else plan.counts
     args = (q, k_buffer, v_buffer, plan.kv_indices, plan.items, plan.counts, plan.merge_indptr,
-            o_partial, lse_partial, out, lse_arg, counter, sm_scale * 1.4426950408889634,
+            o_partial, lse_partial, out, lse_arg, sm_scale * 1.4426950408889634,
             q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
             v_buffer.stride(0), v_buffer.stride(1), o_partial.stride(0), o_partial.stride(1),
             lse_partial.stride(0), out.stride(0), out.stride(1), lse_arg.stride(0))
@@ -443,7 +421,7 @@ def run_packed_cascade(
             *args, GQA=gqa, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
             PREFIX_BLOCK_M=prefix_block_m, SUFFIX_BLOCK_M=plan.suffix_block_m, BLOCK_N=block_n,
             DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16, PERSISTENT=persistent,
-            STORE_LSE=lse is not None, ROLE=role, DYNAMIC=persistent and dynamic,
+            STORE_LSE=lse is not None, ROLE=role,
             num_warps=num_warps or default_num_warps(prefix_block_m, head_dim), num_stages=num_stages,
         )
 

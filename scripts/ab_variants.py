@@ -37,7 +37,7 @@ TILE_VARIANTS = [
     {"pbm": 16, "w": 2, "st": 3, "n": 64}, {"pbm": 16, "w": 8, "st": 3, "n": 64},
     {"pbm": 16, "w": 4, "st": 4, "n": 64}, {"pbm": 16, "w": 4, "st": 3, "n": 128},
     {"pbm": 16, "w": 4, "st": 4, "n": 32}, {"pbm": 64, "w": 4, "st": 3, "n": 64, "nosplit": True},
-    {"pbm": 16, "w": 4, "st": 3, "n": 64, "nosplit": True}, {"pbm": 16, "w": 4, "st": 3, "n": 64, "dyn": False},
+    {"pbm": 16, "w": 4, "st": 3, "n": 64, "nosplit": True},
 ]
 
 
@@ -51,12 +51,11 @@ PREFIX_VARIANTS = [
     {"pbm": 128, "w": 8, "st": 2, "n": 64}, {"pbm": 128, "w": 8, "st": 2, "n": 128},
     {"pbm": 128, "w": 8, "st": 3, "n": 32}, {"pbm": 128, "w": 8, "st": 3, "n": 64, "pmult": 2},
     {"pbm": 128, "w": 4, "st": 3, "n": 64}, {"pbm": 32, "w": 4, "st": 3, "n": 64},
-    {"pbm": 64, "w": 4, "st": 3, "n": 64, "dyn": False},
 ]
 
 
 def time_variant(kern, inp, ref, tol, *, pbm=64, w=4, st=3, n=64, nosplit=False, pmult=1, persistent=False,
-                 merge=False, dyn=True) -> dict:
+                 merge=False) -> dict:
     """Plans and runs ours with the given launch (``pbm``: the kernel's ``PREFIX_BLOCK_M``)."""
     from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of
     dev, num_kv_heads = inp.q.device, inp.k_buffer.shape[1]
@@ -74,14 +73,13 @@ def time_variant(kern, inp, ref, tol, *, pbm=64, w=4, st=3, n=64, nosplit=False,
                                         kv_align=n, prefix_chunk=pmult * auto.prefix_chunk,
                                         suffix_chunk=auto.suffix_chunk)
     if persistent:
-        plan = plan._replace(num_programs=max(1, num_sms_of(dev) * occ // num_kv_heads),
-                             work_counter=torch.zeros(2, dtype=torch.int32, device=dev))
+        plan = plan._replace(num_programs=max(1, num_sms_of(dev) * occ // num_kv_heads))
     else:  # plan_packed_cascade launches plain plans with suffix tiles; force the asked-for tile
         plan = plan._replace(has_prefix=True, prefix_block_m=pbm)
     out = torch.full_like(inp.q, float("nan"))
 
     def run():
-        kern.run_packed_cascade(inp.q, inp.k_buffer, inp.v_buffer, plan, inp.sm_scale, out, dynamic=dyn, **launch)
+        kern.run_packed_cascade(inp.q, inp.k_buffer, inp.v_buffer, plan, inp.sm_scale, out, **launch)
     run()
     err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
     row = {"occupancy": occ, "items": plan.num_items, "partials": plan.num_partials, "rel_err": err,
@@ -131,7 +129,7 @@ def main(argv=None) -> int:
         planner._chunk_major, planner._longest_first = orders["both"]
         mine = [r for r in rows if r["case"] == name]
         print(name, " ".join(f"{'/'.join(str(v) for k, v in r.items() if k in ('order', 'pbm', 'w', 'st', 'n'))}"
-                             f"{'/ns' if r.get('nosplit') else ''}{'/x2' if r.get('pmult', 1) != 1 else ''}{'/static' if r.get('dyn') is False else ''}{'P' if r['persistent'] else 'F'}:"
+                             f"{'/ns' if r.get('nosplit') else ''}{'/x2' if r.get('pmult', 1) != 1 else ''}{'P' if r['persistent'] else 'F'}:"
                              f"{r['us'] or float('nan'):.1f}" for r in mine), flush=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"ab_{args.study}.json"

@@ -68,8 +68,7 @@ def test_step_equals_flat(seed, grouped, dtype):
 def test_graph_buffers_replay_any_plan(padding, plain_waves):
     """One set of CUDA-graph buffers, a fixed grid (or the pair of launches with ``plain_waves``),
     batches with and without prefix items written in turn (as capture then replays would): each
-    equals flat attention, padded rows come out zero, and the persistent launches leave their
-    ticket counter at zero for the next one."""
+    equals flat attention, padded rows come out zero."""
     num_qo_heads, num_kv_heads, head_dim, dtype = 8, 2, 64, torch.float16
     graph = GraphBuffers(max_bs=16, max_context_len=128, num_kv_heads=num_kv_heads, num_sms=4, device=DEVICE,
                          plain_waves=plain_waves)
@@ -87,7 +86,6 @@ def test_graph_buffers_replay_any_plan(padding, plain_waves):
         ref = flat_reference(q[: len(reqs)], k, v, req_to_token, pool_rows, seq_lens)
         assert rel_err(out[: len(reqs)], ref) < TOL[dtype]
         assert (out[len(reqs):] == 0).all()
-        assert step.plan.work_counter is graph.plan.work_counter and not step.plan.work_counter.any()
 
 
 def test_graph_plan_is_coarsened_to_capacity():
