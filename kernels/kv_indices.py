@@ -57,3 +57,38 @@ def gather_kv_indices(
             req_to_token, pool_rows, pos_starts, kv_indptr, out, req_to_token.stride(0), BLOCK=512,
         )
     return out
+
+
+def item_kv_bases(
+    kv_indices: torch.Tensor, kv_start: torch.Tensor, kv_len: torch.Tensor, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per work item, the first slot of its KV range when the range is one run of consecutive pool
+    slots, else ``-1``: what the packed kernel's base + length path reads (issue 5: compacted
+    prefixes, placed suffixes). A few vectorized ops on ``kv_indices``' device, no host sync, so it
+    runs on the step's stream after the gather (and outside CUDA graphs).
+
+    Args:
+        kv_indices: ``[num_kv]`` int32/int64 pool slots (a plan's ``cat(prefix, suffix)`` list).
+        kv_start, kv_len: ``[num_items]`` int offsets into ``kv_indices`` and lengths in tokens
+            (``kv_start + kv_len <= num_kv``); any stride (e.g. columns of a plan's item table).
+        out: optional ``[>= num_items]`` int32 buffer; ``out[:num_items]`` is written in place.
+
+    Returns:
+        ``[num_items]`` (``out``'s dtype, else int64): ``kv_indices[kv_start]`` where
+        ``kv_indices[kv_start + j] == kv_indices[kv_start] + j`` for all ``j < kv_len``, else ``-1``
+        (also for ``kv_len == 0``). Oracle: :func:`.reference.item_kv_bases_ref`.
+    """
+    n = kv_start.numel()
+    idx = kv_indices.to(torch.int64)
+    breaks = torch.zeros(idx.numel() + 1, dtype=torch.int64, device=idx.device)  # breaks[p]: at 1..p-1
+    if idx.numel() > 1:
+        torch.cumsum((idx[1:] - idx[:-1] != 1).to(torch.int64), 0, out=breaks[2:])
+    start, length = kv_start.to(torch.int64), kv_len.to(torch.int64)
+    first = start.clamp(max=max(idx.numel() - 1, 0))
+    end = (start + length).clamp(min=1, max=idx.numel())
+    one_run = (length > 0) & (breaks[end] - breaks[(start + 1).clamp(max=idx.numel())] == 0)
+    bases = torch.where(one_run, idx[first] if idx.numel() else start, torch.full_like(start, -1))
+    if out is None:
+        return bases
+    out[:n].copy_(bases)
+    return out[:n]

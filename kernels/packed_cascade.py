@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .checks import check_cascade_inputs
+from .kv_indices import item_kv_bases
 from .merge import merge_partials
 from .plan import ITEM_FIELDS, WorkPlan, plan_work
 
@@ -39,30 +40,37 @@ NUM_STAGES = 3  # software-pipelined KV loads; 2 ran 25-30% slower on H100 (benc
 
 @triton.jit
 def _attend_block(
-    q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, start_n, kv_head, sm_scale_log2, m_i, l_i, acc,
+    q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, kv_base, start_n, kv_head, sm_scale_log2, m_i, l_i, acc,
     stride_kt, stride_kh, stride_vt, stride_vh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
-    TAIL: tl.constexpr,
+    TAIL: tl.constexpr, CONTIGUOUS: tl.constexpr,
 ):
     """One online-softmax step of a tile over KV positions ``start_n + [0, BLOCK_N)`` of its chunk;
     returns the updated ``(m_i, l_i, acc)`` (``m_i`` in base 2). ``TAIL``: the last, partial block
-    (positions past ``kv_len`` masked); whole blocks load unmasked (``BLOCK_D == HEAD_DIM``)."""
+    (positions past ``kv_len`` masked); whole blocks load unmasked (``BLOCK_D == HEAD_DIM``).
+    ``CONTIGUOUS``: the chunk is slots ``kv_base + [0, kv_len)``, addressed without loading slot ids;
+    else its slots are ``KV_Indices[kv_start:][:kv_len]``."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    if CONTIGUOUS:
+        slots = kv_base.to(tl.int64) + start_n + offs_n
     if TAIL:
         mask_n = start_n + offs_n < kv_len
-        slots = tl.load(KV_Indices + kv_start + start_n + offs_n, mask=mask_n, other=0).to(tl.int64)
+        if not CONTIGUOUS:
+            slots = tl.load(KV_Indices + kv_start + start_n + offs_n, mask=mask_n, other=0).to(tl.int64)
         mask_kv = mask_n[:, None] & (offs_d < HEAD_DIM)[None, :]
         k = tl.load(K_Buffer + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
                     mask=mask_kv, other=0.0)
         v = tl.load(V_Buffer + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
                     mask=mask_kv, other=0.0)
     elif BLOCK_D == HEAD_DIM:
-        slots = tl.load(KV_Indices + kv_start + start_n + offs_n).to(tl.int64)
+        if not CONTIGUOUS:
+            slots = tl.load(KV_Indices + kv_start + start_n + offs_n).to(tl.int64)
         k = tl.load(K_Buffer + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :])
         v = tl.load(V_Buffer + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :])
     else:
-        slots = tl.load(KV_Indices + kv_start + start_n + offs_n).to(tl.int64)
+        if not CONTIGUOUS:
+            slots = tl.load(KV_Indices + kv_start + start_n + offs_n).to(tl.int64)
         mask_d = (offs_d < HEAD_DIM)[None, :]
         k = tl.load(K_Buffer + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
                     mask=mask_d, other=0.0)
@@ -86,16 +94,42 @@ def _attend_block(
 
 
 @triton.jit
+def _attend_kv(
+    q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, kv_base, kv_head, sm_scale_log2,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr, CONTIGUOUS: tl.constexpr,
+):
+    """Online softmax of a tile's rows ``q`` over one KV chunk: whole blocks, then the partial last
+    one; returns ``(m_i, l_i, acc)`` (``m_i`` in base 2, ``acc`` unnormalized)."""
+    m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    kv_full = kv_len // BLOCK_N * BLOCK_N
+    for start_n in range(0, kv_full, BLOCK_N):  # whole blocks: no masks, so the loads pipeline freely
+        m_i, l_i, acc = _attend_block(q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, kv_base, start_n,
+                                      kv_head, sm_scale_log2, m_i, l_i, acc, stride_kt, stride_kh, stride_vt,
+                                      stride_vh, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_FP32, False, CONTIGUOUS)
+    if kv_full < kv_len:
+        m_i, l_i, acc = _attend_block(q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, kv_base, kv_full,
+                                      kv_head, sm_scale_log2, m_i, l_i, acc, stride_kt, stride_kh, stride_vt,
+                                      stride_vh, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_FP32, True, CONTIGUOUS)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _attend_item(
-    Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
+    Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
     item, kv_head, sm_scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
     GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, STORE_LSE: tl.constexpr,
+    HAS_KV_BASE: tl.constexpr,
 ):
     """One work item (a tile of query rows against one KV chunk) for one KV head. Rows of a
-    request with one partial in the plan are final: written to ``Out`` (and ``LSE_Out``) here."""
+    request with one partial in the plan are final: written to ``Out`` (and ``LSE_Out``) here.
+    ``HAS_KV_BASE``: ``KV_Base[item]`` (a slot, or -1) selects the contiguous fast path."""
     qo_start = tl.load(Items + item * 5 + 0)
     qo_len = tl.load(Items + item * 5 + 1)
     kv_start = tl.load(Items + item * 5 + 2)
@@ -111,18 +145,20 @@ def _attend_item(
     q = tl.load(Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
 
-    m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    kv_full = kv_len // BLOCK_N * BLOCK_N
-    for start_n in range(0, kv_full, BLOCK_N):  # whole blocks: no masks, so the loads pipeline freely
-        m_i, l_i, acc = _attend_block(q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, start_n, kv_head,
-                                      sm_scale_log2, m_i, l_i, acc, stride_kt, stride_kh, stride_vt, stride_vh,
-                                      HEAD_DIM, BLOCK_D, BLOCK_N, DOT_FP32, False)
-    if kv_full < kv_len:
-        m_i, l_i, acc = _attend_block(q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, kv_full, kv_head,
-                                      sm_scale_log2, m_i, l_i, acc, stride_kt, stride_kh, stride_vt, stride_vh,
-                                      HEAD_DIM, BLOCK_D, BLOCK_N, DOT_FP32, True)
+    if HAS_KV_BASE:
+        kv_base = tl.load(KV_Base + item)
+        if kv_base >= 0:  # one run of consecutive slots (a compacted prefix, a placed suffix)
+            m_i, l_i, acc = _attend_kv(q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, kv_base, kv_head,
+                                       sm_scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
+                                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_FP32, True)
+        else:
+            m_i, l_i, acc = _attend_kv(q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, kv_base, kv_head,
+                                       sm_scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
+                                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_FP32, False)
+    else:
+        m_i, l_i, acc = _attend_kv(q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, kv_start, kv_head,
+                                   sm_scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
+                                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_FP32, False)
 
     first = tl.load(Merge_Indptr + tok, mask=mask_m, other=0)
     final = mask_m & (tl.load(Merge_Indptr + tok + 1, mask=mask_m, other=0) - first == 1)
@@ -141,13 +177,14 @@ def _attend_item(
 
 @triton.jit
 def _packed_attn_partial_kernel(
-    Q, K_Buffer, V_Buffer, KV_Indices, Items, Counts, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
+    Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Counts, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
     sm_scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
     GQA: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PREFIX_BLOCK_M: tl.constexpr, SUFFIX_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, PERSISTENT: tl.constexpr, STORE_LSE: tl.constexpr, ROLE: tl.constexpr,
+    HAS_KV_BASE: tl.constexpr,
 ):
     """Prefix items (``PREFIX_BLOCK_M`` rows: a group's requests x GQA) then suffix items
     (``SUFFIX_BLOCK_M`` rows: one request x GQA), all in one launch. ``Counts`` holds
@@ -168,41 +205,41 @@ def _packed_attn_partial_kernel(
         elif ROLE == 2:
             num_items = tl.where(num_prefix_items == 0, num_items, 0)
         for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
-            _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial, Out,
+            _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, O_Partial, LSE_Partial, Out,
                         LSE_Out, item, num_prefix_items, tl.program_id(1), sm_scale_log2, stride_qt, stride_qh,
                         stride_kt, stride_kh, stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot, stride_oh,
                         stride_lt, GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32,
-                        STORE_LSE)
+                        STORE_LSE, HAS_KV_BASE)
     else:
         unit = tl.program_id(0)
-        _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
+        _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
                     unit // NUM_KV_HEADS, num_prefix_items, unit % NUM_KV_HEADS, sm_scale_log2, stride_qt, stride_qh,
                     stride_kt, stride_kh, stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot,
                     stride_oh, stride_lt, GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, SUFFIX_BLOCK_M, BLOCK_N,
-                    DOT_FP32, STORE_LSE)
+                    DOT_FP32, STORE_LSE, HAS_KV_BASE)
 
 
 @triton.jit
 def _attend_any(
-    Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
+    Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
     item, num_prefix_items, kv_head, sm_scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
     GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PREFIX_BLOCK_M: tl.constexpr, SUFFIX_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr, STORE_LSE: tl.constexpr,
+    DOT_FP32: tl.constexpr, STORE_LSE: tl.constexpr, HAS_KV_BASE: tl.constexpr,
 ):
     """A prefix item (``item < num_prefix_items``) or a suffix item, each with its tile height."""
     if item < num_prefix_items:
-        _attend_item(Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
+        _attend_item(Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
                      item, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
                      stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
-                     GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE)
+                     GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE, HAS_KV_BASE)
     else:
-        _attend_item(Q, K_Buffer, V_Buffer, KV_Indices, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
+        _attend_item(Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
                      item, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
                      stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
-                     GQA, HEAD_DIM, BLOCK_D, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE)
+                     GQA, HEAD_DIM, BLOCK_D, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE, HAS_KV_BASE)
 
 
 class PackedCascadePlan(NamedTuple):
@@ -211,6 +248,9 @@ class PackedCascadePlan(NamedTuple):
     ``kv_indices`` is ``cat(prefix_kv_indices, suffix_kv_indices)`` (int32); ``items``, ``counts``
     and ``merge_indptr`` are int32 on the same device; see :mod:`.plan`. A plan in
     :class:`StaticPlanBuffers` (CUDA graphs) has capacity-sized tensors and a fixed ``num_programs``.
+    With ``kv_base`` (:func:`.kv_indices.item_kv_bases` of ``kv_indices``) the kernel reads an
+    item whose chunk is one run of consecutive slots at ``base + offset``, without its slot ids;
+    ``None`` compiles that path out.
     """
 
     items: torch.Tensor  # [>= num_items, ITEM_FIELDS]: prefix items first, then suffix items
@@ -224,6 +264,7 @@ class PackedCascadePlan(NamedTuple):
     num_programs: int | None = None  # persistent grid (num_programs, num_kv_heads); None: per item and head
     has_prefix: bool = True  # whether there are prefix items (static plans: whether there may be)
     plain_num_programs: int | None = None  # static plans: grid of the plain-decode launch (ROLE 2)
+    kv_base: torch.Tensor | None = None  # [>= num_items] int32: an item's first slot if one run, else -1
 
 
 def num_sms_of(device: torch.device) -> int:
@@ -242,7 +283,7 @@ def default_num_warps(prefix_block_m: int, head_dim: int) -> int:
 def kernel_occupancy(
     device: torch.device, dtype: torch.dtype, head_dim: int, gqa_group_size: int, *,
     prefix_block_m: int = PREFIX_BLOCK_M, block_n: int = BLOCK_N, num_warps: int | None = None,
-    num_stages: int = NUM_STAGES, persistent: bool = False,
+    num_stages: int = NUM_STAGES, persistent: bool = False, has_kv_base: bool = False,
 ) -> int:
     """Programs of the partial kernel resident at once on one multiprocessor (registers, shared
     memory, threads), from the compiled kernel for this configuration (compiled here if needed);
@@ -255,12 +296,12 @@ def kernel_occupancy(
     i32 = torch.zeros(16, dtype=torch.int32, device=device)
     f32 = torch.zeros(16, gqa_group_size, head_dim, dtype=torch.float32, device=device)
     compiled = _packed_attn_partial_kernel.warmup(
-        q, kv, kv, i32, i32, i32, i32, f32, f32[:, :, 0], q, f32[:, :, 0], 1.0, q.stride(0), q.stride(1),
+        q, kv, kv, i32, i32, i32, i32, i32, f32, f32[:, :, 0], q, f32[:, :, 0], 1.0, q.stride(0), q.stride(1),
         kv.stride(0), kv.stride(1), kv.stride(0), kv.stride(1), f32.stride(0), f32.stride(1), gqa_group_size,
         q.stride(0), q.stride(1), gqa_group_size,
         GQA=gqa_group_size, NUM_KV_HEADS=1, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         PREFIX_BLOCK_M=prefix_block_m, SUFFIX_BLOCK_M=suffix_block_m_for(gqa_group_size), BLOCK_N=block_n,
-        DOT_FP32=False, PERSISTENT=persistent, STORE_LSE=False, ROLE=0, num_warps=num_warps, num_stages=num_stages,
+        DOT_FP32=False, PERSISTENT=persistent, STORE_LSE=False, ROLE=0, HAS_KV_BASE=has_kv_base, num_warps=num_warps, num_stages=num_stages,
         grid=(1, 1) if persistent else (1,),
     )
     compiled._init_handles()
@@ -304,16 +345,21 @@ def _host_table(work: WorkPlan, merge_len: int | None = None) -> np.ndarray:
 
 
 def make_plan(
-    work: WorkPlan, kv_indices: torch.Tensor, gqa_group_size: int, prefix_block_m: int = PREFIX_BLOCK_M
+    work: WorkPlan, kv_indices: torch.Tensor, gqa_group_size: int, prefix_block_m: int = PREFIX_BLOCK_M,
+    kv_base: bool = False,
 ) -> PackedCascadePlan:
     """Copies a host :class:`WorkPlan` next to ``kv_indices`` (its device) as a :class:`PackedCascadePlan`
-    (one host-to-device copy)."""
+    (one host-to-device copy); ``kv_base``: with the items' base slots (a few device ops)."""
     flat = host_to_device(torch.from_numpy(_host_table(work)), kv_indices.device)
     n_items, n_merge = len(work.prefix_items) + len(work.suffix_items), len(work.merge_indptr)
+    items = flat[2 + n_merge :].view(n_items, ITEM_FIELDS)
+    bases = None
+    if kv_base:
+        bases = item_kv_bases(kv_indices, items[:, 2], items[:, 3],
+                              torch.empty(max(1, n_items), dtype=torch.int32, device=kv_indices.device))
     return PackedCascadePlan(
-        flat[2 + n_merge :].view(n_items, ITEM_FIELDS), flat[:2], flat[2 : 2 + n_merge], kv_indices,
-        n_items, work.num_partials, prefix_block_m, suffix_block_m_for(gqa_group_size),
-        has_prefix=len(work.prefix_items) > 0,
+        items, flat[:2], flat[2 : 2 + n_merge], kv_indices, n_items, work.num_partials, prefix_block_m,
+        suffix_block_m_for(gqa_group_size), has_prefix=len(work.prefix_items) > 0, kv_base=bases,
     )
 
 
@@ -335,22 +381,32 @@ class StaticPlanBuffers:
         self.merge_indptr = self.flat[2 : 3 + max_tokens]
         self.items = self.flat[3 + max_tokens :].view(max_items, ITEM_FIELDS)
         self.kv_indices = torch.zeros(max(1, max_kv_tokens), dtype=torch.int32, device=device)
+        self.kv_base = torch.full((max(1, max_items),), -1, dtype=torch.int32, device=device)
 
     def write(self, work: WorkPlan, gqa_group_size: int, num_programs: int, num_partials: int,
-              prefix_block_m: int = PREFIX_BLOCK_M, plain_num_programs: int | None = None) -> PackedCascadePlan:
+              prefix_block_m: int = PREFIX_BLOCK_M, plain_num_programs: int | None = None,
+              num_kv_tokens: int | None = None) -> PackedCascadePlan:
         """Copies ``work`` into the buffers (asynchronously on the current stream) and returns the plan
         that reads them: ``num_programs`` persistent programs per KV head, or with
         ``plain_num_programs`` a pair of launches (see ``ROLE`` of the kernel) whose plain-decode one
-        has that many. Raises ``ValueError`` when ``work`` exceeds a capacity."""
+        has that many. With ``num_kv_tokens`` (the step's slots, already gathered into
+        ``kv_indices[:num_kv_tokens]``) the items' base slots are computed too (contiguous fast path;
+        a graph captured with them must always get them). Raises ``ValueError`` when ``work`` exceeds
+        a capacity."""
         n_items = len(work.prefix_items) + len(work.suffix_items)
         n_tokens = len(work.merge_indptr) - 1
         if n_items > self.max_items or n_tokens > self.max_tokens or work.num_partials > num_partials:
             raise ValueError(f"plan of {n_items} items, {n_tokens} tokens, {work.num_partials} partials "
                              f"exceeds capacity {self.max_items} items, {self.max_tokens} tokens, {num_partials} partials")
         copy_host_into(self.flat, torch.from_numpy(_host_table(work, self.max_tokens + 1)))
+        bases = None
+        if num_kv_tokens is not None:
+            bases = self.kv_base
+            item_kv_bases(self.kv_indices[: max(1, num_kv_tokens)], self.items[:n_items, 2],
+                          self.items[:n_items, 3], bases)
         return PackedCascadePlan(self.items, self.counts, self.merge_indptr, self.kv_indices, n_items,
                                  num_partials, prefix_block_m, suffix_block_m_for(gqa_group_size), num_programs,
-                                 plain_num_programs=plain_num_programs)
+                                 plain_num_programs=plain_num_programs, kv_base=bases)
 
 
 def plan_packed_cascade(
@@ -365,18 +421,20 @@ def plan_packed_cascade(
     head_dim: int | None = None,
     dtype: torch.dtype | None = None,
     prefix_block_m: int = PREFIX_BLOCK_M,
+    kv_base: bool = False,
     **plan_kwargs,
 ) -> PackedCascadePlan:
     """Plans one decode step (host work; copies the indptr arrays to the host if they are on a GPU,
     which synchronizes). ``plan_kwargs`` go to :func:`.plan.plan_work`; its ``waves`` defaults to
     :func:`kernel_occupancy` of the default launch when ``head_dim`` and ``dtype`` (of the KV) are
-    given, else 2."""
+    given, else 2. ``kv_base``: also compute the items' base slots (contiguous fast path)."""
     gqa = num_qo_heads // num_kv_heads
     device = prefix_kv_indices.device
     plan_kwargs.setdefault("num_sms", num_sms_of(device))
     if "waves" not in plan_kwargs and head_dim is not None and dtype is not None:
         tile = prefix_block_m if int(prefix_kv_indptr[-1]) > 0 else suffix_block_m_for(gqa)  # the launch's
-        plan_kwargs["waves"] = kernel_occupancy(device, dtype, head_dim, gqa, prefix_block_m=tile)
+        plan_kwargs["waves"] = kernel_occupancy(device, dtype, head_dim, gqa, prefix_block_m=tile,
+                                                has_kv_base=kv_base)
     plan_kwargs.setdefault("kv_align", BLOCK_N)
     work = plan_work(
         group_indptr.cpu().numpy(), prefix_kv_indptr.cpu().numpy(), suffix_kv_indptr.cpu().numpy(),
@@ -384,7 +442,7 @@ def plan_packed_cascade(
     )
     kv_indices = torch.cat([prefix_kv_indices[: int(prefix_kv_indptr[-1])],
                             suffix_kv_indices[: int(suffix_kv_indptr[-1])]]).to(torch.int32)
-    return make_plan(work, kv_indices, gqa, prefix_block_m)
+    return make_plan(work, kv_indices, gqa, prefix_block_m, kv_base=kv_base)
 
 
 def run_packed_cascade(
@@ -411,7 +469,8 @@ def run_packed_cascade(
     o_partial = torch.empty(plan.num_partials, num_qo_heads, head_dim, dtype=torch.float32, device=q.device)
     lse_partial = torch.empty(plan.num_partials, num_qo_heads, dtype=torch.float32, device=q.device)
     lse_arg = lse if lse is not None else lse_partial
-    args = (q, k_buffer, v_buffer, plan.kv_indices, plan.items, plan.counts, plan.merge_indptr,
+    kv_base = plan.kv_indices if plan.kv_base is None else plan.kv_base
+    args = (q, k_buffer, v_buffer, plan.kv_indices, kv_base, plan.items, plan.counts, plan.merge_indptr,
             o_partial, lse_partial, out, lse_arg, sm_scale * 1.4426950408889634,
             q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
             v_buffer.stride(0), v_buffer.stride(1), o_partial.stride(0), o_partial.stride(1),
@@ -422,7 +481,7 @@ def run_packed_cascade(
             *args, GQA=gqa, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
             PREFIX_BLOCK_M=prefix_block_m, SUFFIX_BLOCK_M=plan.suffix_block_m, BLOCK_N=block_n,
             DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16, PERSISTENT=persistent,
-            STORE_LSE=lse is not None, ROLE=role,
+            STORE_LSE=lse is not None, ROLE=role, HAS_KV_BASE=plan.kv_base is not None,
             num_warps=num_warps or default_num_warps(prefix_block_m, head_dim), num_stages=num_stages,
         )
 
@@ -453,6 +512,7 @@ def packed_cascade_attention(
     out: torch.Tensor | None = None,
     return_lse: bool = False,
     plan: PackedCascadePlan | None = None,
+    kv_base: bool = False,
 ):
     """Decode attention over ``cat(group prefix, request suffix)`` for every request, reading each
     group's prefix once per tile of its requests (PackInfer, Sec. 4).
@@ -472,6 +532,8 @@ def packed_cascade_attention(
         return_lse: also return ``lse`` ``[num_tokens, num_qo_heads]`` float32, natural log.
         plan: a :class:`PackedCascadePlan` from :func:`plan_packed_cascade` for these indptr arrays,
             reused across layers; planned here when ``None``.
+        kv_base: when planning here, let chunks that are one run of consecutive slots be read by
+            base + offset (issue 5's contiguous fast path).
 
     Returns:
         ``out``, or ``(out, lse)`` when ``return_lse``.
@@ -492,7 +554,7 @@ def packed_cascade_attention(
     if plan is None:
         plan = plan_packed_cascade(group_indptr, prefix_kv_indptr, prefix_kv_indices, suffix_kv_indptr,
                                    suffix_kv_indices, num_qo_heads, k_buffer.shape[1], head_dim=head_dim,
-                                   dtype=k_buffer.dtype)
+                                   dtype=k_buffer.dtype, kv_base=kv_base)
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(num_tokens, num_qo_heads, dtype=torch.float32, device=q.device) if return_lse else None
     run_packed_cascade(q, k_buffer, v_buffer, plan, sm_scale, out, lse)

@@ -121,3 +121,15 @@ def gather_kv_indices_ref(
     lens = torch.tensor([0] + [len(p) for p in pieces], dtype=torch.int64)
     kv_indices = torch.cat(pieces).to(torch.int32) if pieces else req_to_token.new_zeros(0, dtype=torch.int32)
     return torch.cumsum(lens, 0).to(torch.int32), kv_indices
+
+
+def item_kv_bases_ref(kv_indices: torch.Tensor, kv_start: torch.Tensor, kv_len: torch.Tensor) -> torch.Tensor:
+    """Oracle of :func:`packinfer_sglang.kernels.kv_indices.item_kv_bases`, one item at a time:
+    ``kv_indices[kv_start]`` when ``kv_indices[kv_start + j] == kv_indices[kv_start] + j`` for every
+    ``j < kv_len``, else ``-1`` (also for ``kv_len == 0``); int64 ``[num_items]``."""
+    slots = kv_indices.tolist()
+    out = []
+    for s, n in zip(kv_start.tolist(), kv_len.tolist(), strict=True):
+        run = n > 0 and all(slots[s + j] == slots[s] + j for j in range(n))
+        out.append(slots[s] if run else -1)
+    return torch.tensor(out, dtype=torch.int64)

@@ -81,7 +81,7 @@ class PackInferAttnBackend(TritonAttnBackend):
         q = torch.zeros(2, self.num_head, k_buffer[0].shape[-1], dtype=k_buffer[0].dtype, device=dev)
         for group_indptr, prefix_kv_indptr in ((i32(0, 1, 2), i32(0, 0, 0)), (i32(0, 2), i32(0, 1))):  # plain, shared
             packed_cascade_attention(q, k_buffer[0], v_buffer[0], group_indptr, prefix_kv_indptr, i32(0),
-                                     i32(0, 1, 2), i32(1, 2), 1.0)
+                                     i32(0, 1, 2), i32(1, 2), 1.0, kv_base=self.config.kv_base)
         torch.cuda.synchronize(dev)
 
     # -- metadata -------------------------------------------------------------------------
@@ -97,7 +97,7 @@ class PackInferAttnBackend(TritonAttnBackend):
             self._step = build_decode_step(
                 groups, forward_batch.seq_lens_cpu, forward_batch.req_pool_indices, self.req_to_token,
                 self.num_head, self.num_kv_head, self.num_sms, waves=self._occupancy(False),
-                plain_waves=self._occupancy(False, plain=True),
+                plain_waves=self._occupancy(False, plain=True), kv_base=self.config.kv_base,
             )
             self._host_us += (time.perf_counter() - start) * 1e6
             self._log_step(forward_batch.batch_size)
@@ -137,6 +137,7 @@ class PackInferAttnBackend(TritonAttnBackend):
         self._step = build_decode_step(
             groups or ungrouped(raw_bs), seq_lens_cpu, forward_batch.req_pool_indices, self.req_to_token,
             self.num_head, self.num_kv_head, self.num_sms, graph=self._graph, padded_bs=bs,
+            kv_base=self.config.kv_base,
         )
         self._in_graph = True
         if self._graph_rows is not None:
@@ -154,7 +155,8 @@ class PackInferAttnBackend(TritonAttnBackend):
             pool, gqa = self.token_to_kv_pool, self.num_head // self.num_kv_head
             self._waves[key] = kernel_occupancy(
                 torch.device(self.device), pool.dtype, getattr(pool, "head_dim", self.v_head_dim), gqa,
-                prefix_block_m=suffix_block_m_for(gqa) if plain else PREFIX_BLOCK_M, persistent=persistent)
+                prefix_block_m=suffix_block_m_for(gqa) if plain else PREFIX_BLOCK_M, persistent=persistent,
+                has_kv_base=self.config.kv_base)
             logger.info("packinfer: kernel occupancy %d programs per SM (%s, %s tiles)", self._waves[key],
                         "CUDA graphs" if persistent else "eager", "plain-decode" if plain else "prefix")
         return self._waves[key]

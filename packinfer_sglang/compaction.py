@@ -152,27 +152,6 @@ def measure_fragmentation(cache, reqs, groups=None) -> Fragmentation:
     return layout_fragmentation(collect_layouts(reqs, groups, cache.req_to_token_pool.req_to_token, rem).groups)
 
 
-def item_kv_bases(kv_indices: torch.Tensor, kv_start: torch.Tensor, kv_len: torch.Tensor) -> torch.Tensor:
-    """Per work item, the first slot of its KV range when the range is one run, else ``-1``: what a
-    kernel's base + length fast path needs (compacted groups make their prefix items and relocated
-    suffixes qualify). One vectorized pass on ``kv_indices``' device, no host sync.
-
-    Args:
-        kv_indices: ``[num_kv]`` int32/int64 pool slots (the plan's combined prefix+suffix list).
-        kv_start, kv_len: ``[num_items]`` int offsets into ``kv_indices`` and lengths (tokens, >= 1).
-
-    Returns:
-        ``[num_items]`` int64: ``kv_indices[kv_start]`` where ``kv_indices[kv_start + j] ==
-        kv_indices[kv_start] + j`` for all ``j < kv_len``, else ``-1``.
-    """
-    idx = kv_indices.to(torch.int64)
-    breaks = torch.zeros(len(idx) + 1, dtype=torch.int64, device=idx.device)
-    breaks[2:] = torch.cumsum((idx[1:] - idx[:-1] != 1).to(torch.int64), 0)  # breaks before position p
-    start, end = kv_start.to(torch.int64), (kv_start + kv_len).to(torch.int64)
-    one_run = breaks[end] - breaks[start + 1] == 0
-    return torch.where(one_run, idx[start], torch.full_like(start, -1))
-
-
 class Relocator:
     """Plans and applies compaction on one scheduler's pools (see module docstring).
 

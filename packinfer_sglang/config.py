@@ -20,6 +20,7 @@ environment variables reach every rank; ``packinfer serve`` sets them from its f
 | ``PACKINFER_COMPACT_MAX_TOKENS`` | 65536 | tokens copied per plan at most (bounds the stall) |
 | ``PACKINFER_COMPACT_PLACE`` | 1 | with compaction on, put decode tokens next to their request's tail |
 | ``PACKINFER_COMPACT_PLACE_EVERY`` | 8 | decode steps between placement refreshes (host reads) at most |
+| ``PACKINFER_KV_BASE`` | 0 | the kernel reads KV chunks that are one run of slots by base + offset |
 
 The compaction cost rule is :mod:`packinfer_sglang.compaction_plan`'s docstring; the placement
 policy is :mod:`packinfer_sglang.placement`'s. Placement follows ``PACKINFER_COMPACT``: it runs only
@@ -55,6 +56,7 @@ class PackInferConfig:
     compact_max_tokens: int = 65536
     compact_place: bool = True
     compact_place_every: int = 8
+    kv_base: bool = False
 
     def __post_init__(self):
         if self.min_prefix_tokens < 1:

@@ -112,6 +112,7 @@ def build_decode_step(
     padded_bs: int | None = None,
     waves: int = 2,
     plain_waves: int | None = None,
+    kv_base: bool = False,
 ) -> DecodeStep:
     """Builds a step's plan.
 
@@ -127,6 +128,9 @@ def build_decode_step(
             without prefix items, which run the plain-decode tiles (default ``waves``).
         graph: write the plan into these CUDA-graph buffers instead of fresh tensors; then
             ``padded_bs`` (>= ``num_tokens``) is the captured batch size whose extra rows are padding.
+        kv_base: mark the items whose KV chunk is one run of consecutive slots, which the kernel then
+            reads by base + offset (:func:`~.kernels.kv_indices.item_kv_bases`; a few device ops after
+            the gather). Graph buffers must be written with the same setting every step.
 
     Raises:
         ValueError: when the batch exceeds the graph buffers' capacity.
@@ -156,9 +160,10 @@ def build_decode_step(
                      waves=plain_waves if plain else waves, kv_align=BLOCK_N, **limits)
     if graph is None:
         perm = None if groups.is_identity else _to_device(groups.order, dev)
-        return DecodeStep(make_plan(work, kv_indices, gqa), perm, groups)
+        return DecodeStep(make_plan(work, kv_indices, gqa, kv_base=kv_base), perm, groups)
     plan = graph.plan.write(work, gqa, graph.num_programs, graph.num_partials(padded_bs),
-                            plain_num_programs=graph.plain_num_programs)
+                            plain_num_programs=graph.plain_num_programs,
+                            num_kv_tokens=int(seg[-1]) if kv_base else None)
     perm = np.arange(padded_bs, dtype=np.int64)
     perm[:num_tokens] = groups.order
     copy_host_into(graph.perm, torch.from_numpy(perm))

@@ -125,3 +125,21 @@ def test_every_flag_has_help():
     for parser in (make_script.build_parser(),):
         for action in parser._actions:
             assert action.help, f"{action.option_strings} has no help"
+
+
+def test_bench_compaction_table_and_cpu_refusal():
+    """The report of ``bench_compaction.py`` from rows of both studies; without a GPU it exits with
+    a usage error instead of a traceback."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    bc = _load_script("bench_compaction")
+    meta = {"gpu": "g", "torch": "t", "triton": "tr", "sglang": "s", "date": "d", "copy_shape": "32 layers"}
+    kernel = [{"case": "B1", "layout": "contiguous", "kv_base": b, "persistent": p, "items": 4, "us": 2.0,
+               "fast_items": 3, "bases_us": 1.5} for b in (False, True) for p in (False, True)]
+    kernel[1]["us"] = None
+    copy = [{"tokens": 256, "us": 10.0, "ns_per_token": 39.1, "bytes": 1, "gb_s": 900.0}]
+    text = bc.markdown(meta, kernel, copy)
+    assert "| B1 | contiguous | 2.0 | fail | 2.0 | 2.0 | 3/4 | 1.5 |" in text and "| 256 | 10.0 | 39.1 | 900 |" in text
+    if not bc.torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            bc.main(["--out-dir", "/nonexistent"])
+        assert e.value.code == 2
