@@ -20,10 +20,12 @@ environment variables reach every rank; ``packinfer serve`` sets them from its f
 | ``PACKINFER_COMPACT_MAX_TOKENS`` | 65536 | tokens copied per plan at most (bounds the stall) |
 | ``PACKINFER_COMPACT_PLACE`` | 1 | with compaction on, put decode tokens next to their request's tail |
 | ``PACKINFER_COMPACT_PLACE_EVERY`` | 8 | decode steps between placement refreshes (host reads) at most |
+| ``PACKINFER_FRAG_LOG_EVERY`` | 0 | decode steps between KV fragmentation log lines, compaction on or off (0: never) |
 
 The compaction cost rule is :mod:`packinfer_sglang.compaction_plan`'s docstring; the placement
 policy is :mod:`packinfer_sglang.placement`'s. Placement follows ``PACKINFER_COMPACT``: it runs only
-when compaction is on, unless ``PACKINFER_COMPACT_PLACE=0`` turns it off there.
+when compaction is on, unless ``PACKINFER_COMPACT_PLACE=0`` turns it off there. The fragmentation
+log (:mod:`packinfer_sglang.patches.fragmentation_log`) reads the device once per line.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class PackInferConfig:
     compact_max_tokens: int = 65536
     compact_place: bool = True
     compact_place_every: int = 8
+    frag_log_every: int = 0
 
     def __post_init__(self):
         if self.min_prefix_tokens < 1:
@@ -65,8 +68,9 @@ class PackInferConfig:
             raise ValueError(f"verify_rtol must be in (0, 1), got {self.verify_rtol}")
         if self.verify_every < 1:
             raise ValueError(f"verify_every must be >= 1, got {self.verify_every}")
-        if self.log_every < 0:
-            raise ValueError(f"log_every must be >= 0, got {self.log_every}")
+        for name in ("log_every", "frag_log_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("compact_every", "compact_horizon", "compact_max_tokens", "compact_place_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

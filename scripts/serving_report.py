@@ -23,6 +23,7 @@ PACKINFER = "packinfer"
 VERSION_PACKAGES = ("torch", "triton", "sglang", "flashinfer-python", "transformers")
 LOG_LINE_PREFIX = "packinfer:"  # the backend's summary lines (config.py's PACKINFER_LOG_EVERY)
 PACKINFER_LOG_LINES = 5
+_FRAGMENTATION_LINE = re.compile(r"packinfer: fragmentation step (\d+): (\{.*\})")  # PACKINFER_FRAG_LOG_EVERY
 WORKLOAD_ORDER = ("anchors", "prefill-heavy", "multi-level", "parallel-sampling", "no-sharing")
 
 # Keys of the JSON line sglang.benchmark.serving (and serving_parallel.py) appends to --output-file;
@@ -67,10 +68,11 @@ def read_result_file(path: Path, expected_requests: int | None = None) -> dict:
 
 def scan_server_log(text: str, last: int = PACKINFER_LOG_LINES) -> dict:
     """``log_tail``: the last ``last`` packinfer summary lines (the message starts with "packinfer:"
-    after an optional ``[date time]`` stamp; each cut to 400 characters); ``log_has_traceback``:
+    after an optional ``[date time]`` stamp; each cut to 400 characters; fragmentation lines, kept
+    whole by :func:`fragmentation_series`, left out); ``log_has_traceback``:
     whether ``Traceback`` occurs anywhere in ``text``."""
     hits = [line[:400] for line in text.splitlines()
-            if line.split("] ", 1)[-1].lstrip().startswith(LOG_LINE_PREFIX)]
+            if line.split("] ", 1)[-1].lstrip().startswith(LOG_LINE_PREFIX) and not _FRAGMENTATION_LINE.search(line)]
     return {"log_tail": hits[-last:], "log_has_traceback": "Traceback" in text}
 
 
@@ -100,7 +102,8 @@ def packinfer_stats(text: str) -> dict:
     """The packinfer backend's own counters from its log lines (the last decode-step line; the
     compaction lines): ``host_plan_us_per_step`` (mean host time of decode metadata since start),
     ``verified_layer_steps``, ``verify_max_rel_err``, ``compaction_plans``,
-    ``compaction_tokens_moved`` (a list, per plan). Empty dict when the log has none."""
+    ``compaction_tokens_moved`` (a list, per plan), ``fragmentation`` (:func:`fragmentation_series`).
+    Empty dict when the log has none."""
     steps = list(_PACKINFER_STEP.finditer(text))
     moved = [int(m[1]) for m in _PACKINFER_MOVED.finditer(text)]
     out = {}
@@ -111,7 +114,25 @@ def packinfer_stats(text: str) -> dict:
             out.update(verified_layer_steps=int(last[3]), verify_max_rel_err=float(last[4]))
     if moved:
         out.update(compaction_plans=len(moved), compaction_tokens_moved=moved)
+    series = fragmentation_series(text)
+    if series:
+        out["fragmentation"] = series
     return out
+
+
+def fragmentation_series(text: str) -> list[dict]:
+    """The fragmentation time series of a server log (``PACKINFER_FRAG_LOG_EVERY``; the lines of
+    ``patches/fragmentation_log.py``): per line ``{"step": N, **its JSON}`` (``groups``,
+    ``requests``, ``batch``, ``shared_groups``, ``prefix_runs``, ``suffix_runs``, ``tokens``,
+    ``runs_per_1k_tokens``, ``prefix_runs_mean``/``_max`` per shared group, ``suffix_runs_mean``/
+    ``_max`` per request), in log order. Lines whose JSON is cut off are skipped."""
+    series = []
+    for m in _FRAGMENTATION_LINE.finditer(text):
+        try:
+            series.append({"step": int(m[1]), **json.loads(m[2])})
+        except json.JSONDecodeError:
+            continue
+    return series
 
 
 def is_baseline(backend: str, baselines: tuple[str, ...] | None) -> bool:
