@@ -60,12 +60,51 @@ def test_presets():
     assert wl.PRESETS["anchors"]["full"] == W("shared-prefix", 8, 32, 4096, 64, 1024)  # ANCHORS.md
     assert wl.PRESETS["anchors"]["quick"] == W("shared-prefix", 8, 32, 4096, 64, 128)
     assert wl.PRESETS["smoke"]["full"] == wl.PRESETS["smoke"]["quick"] == W("shared-prefix", 2, 4, 256, 16, 16)
-    assert {wl.PRESETS[n]["full"].kind for n in wl.ALL_WORKLOADS} == set(wl.KINDS)
+    assert {wl.PRESETS[n]["full"].kind for n in wl.ALL_WORKLOADS} == set(wl.KINDS) - {"mixed"}  # mixed: alone
     prefill = wl.PRESETS["prefill-heavy"]["full"]
     assert prefill.num_groups >= 64 and prefill.output_len <= 16
-    for name in wl.ALL_WORKLOADS:
+    for name in (*wl.ALL_WORKLOADS, "mixed"):
         full, quick = wl.PRESETS[name]["full"], wl.PRESETS[name]["quick"]
         assert wl.estimate_seconds(quick) <= wl.estimate_seconds(full) and quick.kind == full.kind
+
+
+def test_mixed_preset_runs_minutes_at_a_finite_rate():
+    full, quick = wl.PRESETS["mixed"]["full"], wl.PRESETS["mixed"]["quick"]
+    assert (full.num_requests, full.request_rate, quick.num_requests, quick.request_rate) == (1560, 12.0, 960, 16.0)
+    # Arrivals plus the last request's decode: two servers and two starts of 90 s fit in 9 minutes.
+    assert 120 <= wl.estimate_seconds(full) and 2 * (90 + 8 + wl.estimate_seconds(full)) < 9 * 60
+    assert 60 <= wl.estimate_seconds(quick) <= 90
+    assert wl.expected_input_tokens(full) is None and "12 requests/s" in full.describe()
+    assert wl.rate_arg(full) == "12" and wl.rate_arg(wl.PRESETS["anchors"]["full"]) == "inf"
+    # --request-rate overrides every kind but parallel sampling; inf means all at time 0.
+    assert wl.resolve_workload("anchors", "quick", {"request_rate": 4.0}).request_rate == 4.0
+    assert wl.resolve_workload("anchors", "quick", {"request_rate": float("inf")}).request_rate is None
+    assert wl.resolve_workload("parallel-sampling", "quick", {"request_rate": 4.0}).request_rate is None
+    with pytest.raises(ValueError, match="request_rate"):
+        wl.resolve_workload("mixed", "quick", {"request_rate": float("inf")})
+    assert wl.dataset_cache_files(full, 1) == []  # lengths varied: the stock client does not cache them
+
+
+def test_dry_run_of_compaction_off_and_on_for_the_mixed_workload(tiny, tmp_path, capsys):
+    bench.main(["--model-dir", str(tiny), "--backends", "packinfer,packinfer:compact", "--workloads", "mixed",
+                "--packinfer-env", "PACKINFER_FRAG_LOG_EVERY=100", "--out-dir", str(tmp_path), "--dry-run"])
+    text = capsys.readouterr().out
+    plans = [json.loads(m) for m in re.findall(r"^\{\n.*?^\}", text, re.S | re.M)]
+    assert [p["backend"] for p in plans] == ["packinfer", "packinfer:compact"]
+    assert [p["server_env"].get("PACKINFER_COMPACT") for p in plans] == [None, "1"]
+    assert {p["server_env"]["PACKINFER_FRAG_LOG_EVERY"] for p in plans} == {"100"}
+    assert plans[0]["server"].replace("30000", "30001") == plans[1]["server"]
+    assert "--cuda-graph-backend-decode" not in plans[1]["server"]  # decode CUDA graphs on
+    client = plans[1]["clients"]["mixed"]
+    assert "--request-rate 12 " in client and "--gsp-group-distribution zipf" in client
+    assert "mixed.full.packinfer-compact.jsonl" in client
+    args = _args(["--model-dir", str(tiny), "--backends", "packinfer:compact+eager,triton:eager"])
+    plans = bench.plan_backends(args, tiny)
+    assert plans[0].server_env["PACKINFER_COMPACT"] == "1" and "PACKINFER_COMPACT" not in plans[1].server_env
+    assert all(p.server_argv[-2:] == ["--cuda-graph-backend-decode", "disabled"] for p in plans)
+    for bad in ("triton:compact", "packinfer:fast"):
+        with pytest.raises(ValueError, match="variant"):
+            bench.plan_backends(_args(["--model-dir", str(tiny), "--backends", bad]), tiny)
 
 
 def test_overrides_apply_where_the_kind_uses_the_field():
@@ -86,6 +125,9 @@ def test_overrides_apply_where_the_kind_uses_the_field():
     {"kind": "nope"}, {"question_len": 0}, {"fewshot_len": 5}, {"range_ratio": 0.5},
     {"kind": "multi-level"}, {"kind": "multi-level", "fewshot_len": 8, "output_len": 3},
     {"kind": "parallel-sampling"}, {"kind": "no-sharing"}, {"num_groups": 0},
+    {"kind": "mixed", "request_rate": 8.0}, {"kind": "mixed", "zipf_alpha": 1.1},
+    {"zipf_alpha": 1.1}, {"request_rate": 0.0}, {"request_rate": float("inf")},
+    {"kind": "mixed", "zipf_alpha": 1.1, "request_rate": 8.0, "fewshot_len": 4},
 ])
 def test_invalid_workloads_raise(bad):
     with pytest.raises(ValueError):
@@ -97,6 +139,7 @@ def test_invalid_workloads_raise(bad):
     (W("multi-level", 3, 5, 37, 17, 9, fewshot_len=11), 15 * 65, 37 + 3 * 11 + 15 * 17),
     (W("parallel-sampling", 3, 5, 37, 0, 9), 15 * 37, 3 * 37),
     (W("no-sharing", 4, 1, 0, 100, 9, range_ratio=0.5), None, 300),
+    (W("mixed", 3, 5, 40, 20, 9, range_ratio=0.5, zipf_alpha=1.0, request_rate=2.0), None, (3 * 40 + 15 * 20) * 3 // 4),
 ])
 def test_token_counts(w, expected, distinct):
     assert wl.expected_input_tokens(w) == expected
@@ -107,7 +150,7 @@ def _prefix_count(seqs: list[list[int]], n: int) -> int:
     return len({tuple(s[:n]) for s in seqs})
 
 
-@pytest.mark.parametrize("w", [wl.PRESETS[n]["quick"] for n in wl.ALL_WORKLOADS])
+@pytest.mark.parametrize("w", [wl.PRESETS[n]["quick"] for n in (*wl.ALL_WORKLOADS, "mixed")])
 def test_warmup_bodies_have_the_workloads_shape(w):
     bodies = wl.warmup_bodies(w, seed=5, vocab_size=TINY_VOCAB)
     ww = wl.warmup_workload(w)
@@ -139,7 +182,7 @@ def _parse_with_sglang_client(argv: list[str], monkeypatch) -> argparse.Namespac
     return captured["args"]
 
 
-@pytest.mark.parametrize("name", ["anchors", "multi-level", "no-sharing"])
+@pytest.mark.parametrize("name", ["anchors", "multi-level", "no-sharing", "mixed"])
 def test_client_jobs_parsed_by_sglang_client(name, tmp_path, monkeypatch):
     w = wl.resolve_workload(name, "quick")
     job = wl.client_job(w, model_dir=tmp_path, tokenizer=tmp_path / "tok", port=30017, seed=7,
@@ -149,12 +192,18 @@ def test_client_jobs_parsed_by_sglang_client(name, tmp_path, monkeypatch):
     args = _parse_with_sglang_client(job["argv"], monkeypatch)
     assert (args.backend, args.host, args.port, args.num_prompts, args.seed) == (
         "sglang", "127.0.0.1", 30017, w.num_requests, 7)
-    assert args.request_rate == float("inf") and args.warmup_requests == 0 and args.flush_cache
+    assert args.request_rate == (w.request_rate or float("inf")) and args.warmup_requests == 0 and args.flush_cache
     assert (args.tokenizer, args.output_file) == (str(tmp_path / "tok"), str(tmp_path / "r.jsonl"))
     if w.kind == "shared-prefix":
         assert (args.dataset_name, args.gsp_num_groups, args.gsp_prompts_per_group, args.gsp_system_prompt_len,
                 args.gsp_question_len, args.gsp_output_len, args.gsp_range_ratio) == (
             "generated-shared-prefix", 8, 32, 4096, 64, 128, 1.0)
+        assert args.gsp_group_distribution == "uniform" and args.gsp_zipf_alpha is None
+    elif w.kind == "mixed":  # Poisson arrivals at 16/s of requests drawn by Zipf popularity, shuffled
+        assert (args.dataset_name, args.gsp_num_groups, args.gsp_prompts_per_group, args.gsp_system_prompt_len,
+                args.gsp_question_len, args.gsp_output_len, args.gsp_range_ratio, args.gsp_group_distribution,
+                args.gsp_zipf_alpha, args.request_rate, args.gsp_ordered) == (
+            "generated-shared-prefix", 160, 6, 2048, 256, 512, 0.25, "zipf", 1.1, 16.0, False)
     elif w.kind == "multi-level":
         assert (args.dataset_name, args.dataset_path, args.sharegpt_output_len) == (
             "custom", str(tmp_path / "d.jsonl"), w.output_len)
