@@ -350,6 +350,51 @@ def test_scan_server_log():
         "log_tail": ["[x] packinfer: a"], "log_has_traceback": True}
 
 
+_FRAG = ('{{"groups": {g}, "requests": 40, "prefix_runs": {p}, "suffix_runs": 95, "tokens": 70000,'
+         ' "runs_per_1k_tokens": 1.5, "batch": 40, "shared_groups": {g}, "prefix_runs_mean": {pm},'
+         ' "prefix_runs_max": 3, "suffix_runs_mean": 2.375, "suffix_runs_max": 9}}')
+
+
+def _frag_log(steps=(100, 200), prefix_means=(1.0, 1.5)) -> str:
+    lines = ["[2026-11-22 05:00:00] Decode batch, #running-req: 40, #token: 1",
+             "[2026-11-22 05:00:01] packinfer: decode step 500, batch 40, 3 groups (largest 20), prefix tokens"
+             " saved 1, host plan 900 us/step"]
+    for step, pm in zip(steps, prefix_means):
+        fields = _FRAG.format(g=3, p=int(3 * (pm or 0)), pm="null" if pm is None else pm)
+        lines.append(f"[2026-11-22 05:00:02 TP0] packinfer: fragmentation step {step}: {fields}")
+    return "\n".join(lines + ["[2026-11-22 05:00:03] packinfer: fragmentation step 300: {\"groups\": 3, \"req"])
+
+
+def test_fragmentation_series_from_server_log_lines():
+    text = _frag_log(prefix_means=(1.0, None))
+    series = report.fragmentation_series(text)  # the line cut off at the end is skipped
+    assert [(p["step"], p["prefix_runs_mean"], p["suffix_runs_max"], p["batch"]) for p in series] == [
+        (100, 1.0, 9, 40), (200, None, 9, 40)]
+    assert report.packinfer_stats(text)["fragmentation"] == series
+    assert report.packinfer_stats(text)["packinfer_decode_steps"] == 500
+    assert report.scan_server_log(text)["log_tail"] == [text.splitlines()[1]]  # the series is kept whole elsewhere
+    assert report.fragmentation_series("[t] packinfer: decode step 5, batch 1") == []
+
+
+def test_fragmentation_plot_and_markdown_line(tmp_path):
+    pytest.importorskip("matplotlib")
+    w = wl.PRESETS["mixed"]["quick"]
+    for backend, means in (("packinfer", (1.0, 2.0)), ("packinfer:compact", (1.0, 1.0))):
+        rec = _record("mixed", "quick", backend, 50.0)
+        rec["row"].update(report.packinfer_stats(_frag_log(prefix_means=means)))
+        report.write_record(tmp_path, rec)
+    report.write_record(tmp_path, _record("anchors", "full", "triton", 20.0))  # no series: no panel
+    _, files = report.merge_reports(tmp_path, "x")
+    assert files[-1] == tmp_path / "x_fragmentation.png" and files[-1].read_bytes()[:4] == b"\x89PNG"
+    md = (tmp_path / "x.md").read_text()
+    assert ("packinfer: 2 lines, prefix 1.50 (2.00), suffix 2.38 (2.38); packinfer:compact: 2 lines,"
+            " prefix 1.00 (1.00)") in md and w.describe() in md
+    rows = json.loads((tmp_path / "x.json").read_text())["tables"][-1]["rows"]
+    assert [len(r["fragmentation"]) for r in rows] == [2, 2]
+    assert not report.write_fragmentation_plot(tmp_path / "none.png", report.build_tables(
+        [_record("anchors", "full", "triton", 20.0)])) and not (tmp_path / "none.png").exists()
+
+
 def test_ratio_to_best_baseline():
     rows = [{"backend": "packinfer:eager", "status": "ok", "output_throughput": 90.0},
             {"backend": "triton", "status": "ok", "output_throughput": 30.0},
