@@ -39,14 +39,22 @@ def _mean_max(runs: np.ndarray) -> tuple[float | None, int | None]:
 
 
 def fragmentation_record(cache, reqs) -> dict:
-    """One log line's fields for the decode batch ``reqs`` on ``cache`` (a radix cache with its
-    pools): ``Fragmentation.summary()`` (runs, tokens, runs per 1000 tokens) plus ``batch``
+    """One log line's fields for the decode batch ``reqs`` on ``cache`` (the packinfer radix cache
+    with its pools): ``Fragmentation.summary()`` (runs, tokens, runs per 1000 tokens) plus ``batch``
     (requests), ``shared_groups`` (groups with a shared prefix), ``prefix_runs_mean``/``_max``
     (runs per shared group's prefix) and ``suffix_runs_mean``/``_max`` (runs per request's suffix;
-    a request outside a group is all suffix). Means and maxima are None over an empty set."""
-    from packinfer_sglang.compaction import measure_fragmentation
+    a request outside a group is all suffix). Means and maxima are None over an empty set.
 
-    frag = measure_fragmentation(cache, reqs)
+    Groups are the cache's thresholds without the backend's cost gate (``form_groups`` with
+    ``cost=None``), formed here rather than through ``cache.decode_groups``, whose memo the
+    backend's next lookup of the same batch would otherwise take."""
+    from packinfer_sglang.compaction import measure_fragmentation
+    from packinfer_sglang.grouping import form_groups
+
+    cfg = cache.packinfer_config
+    groups = form_groups([r.last_node for r in reqs], [r.kv.kv_allocated_len + 1 for r in reqs],
+                         cfg.min_prefix_tokens, cfg.min_group_size)
+    frag = measure_fragmentation(cache, reqs, groups)
     prefix_mean, prefix_max = _mean_max(frag.prefix_runs[frag.prefix_lens > 0])
     suffix_mean, suffix_max = _mean_max(frag.suffix_runs)
     return {**frag.summary(), "batch": len(reqs), "shared_groups": int((frag.prefix_lens > 0).sum()),

@@ -93,6 +93,7 @@ def test_logs_the_planted_layout_every_n_steps(frag_log, monkeypatch, caplog, pa
     for _ in range(5):
         frag_log.log_fragmentation(SimpleNamespace(reqs=list(w.running), tree_cache=w.cache))
     lines = _lines(caplog)
+    assert w.cache._groups_key is None  # the cache's group memo is left alone
     assert [int(line.split()[3].rstrip(":")) for line in lines] == [2, 4]
     logged = json.loads(lines[0].split(": ", 2)[2])
     expected = _oracle(w)
