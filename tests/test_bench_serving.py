@@ -655,6 +655,7 @@ def serve():
                 say(f"client {{name}}")
                 if packinfer:
                     say(f"[2026-01-01 00:00:00] packinfer: decode step, workload {{name}}")
+                    say('[2026-01-01 00:00:00] packinfer: fragmentation step 7: {{"suffix_runs_mean": 2.5}}')
             self.reply(200 if self.path == "/health" or self.path.startswith("/client") else 404)
 
         def do_POST(self):
@@ -743,6 +744,7 @@ def test_driver_end_to_end_and_merge_across_invocations(tiny, tmp_path, capsys):
         assert pi["completed"] == units[name].workload.num_requests
         assert pi["input_tokens_match"] is (None if name == "no-sharing" else True)
         assert pi["log_tail"] == [f"[2026-01-01 00:00:00] packinfer: decode step, workload {name}"]
+        assert pi["fragmentation"] == [{"step": 7, "suffix_runs_mean": 2.5}] and "fragmentation" not in tr
         assert "log_tail" not in tr and not pi["log_has_traceback"] and not pi["server_log_has_traceback"]
         assert dies["status"] == "server_died" and dies["server_exit_code"] == 3
         assert "  RuntimeError: boom" in dies["server_log_tail"] and dies["server_log_has_traceback"]
