@@ -89,7 +89,7 @@ def test_dry_run_of_compaction_off_and_on_for_the_mixed_workload(tiny, tmp_path,
     bench.main(["--model-dir", str(tiny), "--backends", "packinfer,packinfer:compact", "--workloads", "mixed",
                 "--packinfer-env", "PACKINFER_FRAG_LOG_EVERY=100", "--out-dir", str(tmp_path), "--dry-run"])
     text = capsys.readouterr().out
-    plans = [json.loads(m) for m in re.findall(r"^\{\n.*?^\}", text, re.S | re.M)]
+    plans = [json.loads(m) for m in re.findall(r"^\{\n.*?^\}", text, re.DOTALL | re.MULTILINE)]
     assert [p["backend"] for p in plans] == ["packinfer", "packinfer:compact"]
     assert [p["server_env"].get("PACKINFER_COMPACT") for p in plans] == [None, "1"]
     assert {p["server_env"]["PACKINFER_FRAG_LOG_EVERY"] for p in plans} == {"100"}
@@ -357,8 +357,8 @@ _FRAG = ('{{"groups": {g}, "requests": 40, "prefix_runs": {p}, "suffix_runs": 95
 
 def _frag_log(steps=(100, 200), prefix_means=(1.0, 1.5)) -> str:
     lines = ["[2026-11-22 05:00:00] Decode batch, #running-req: 40, #token: 1",
-             "[2026-11-22 05:00:01] packinfer: decode step 500, batch 40, 3 groups (largest 20), prefix tokens"
-             " saved 1, host plan 900 us/step"]
+             ("[2026-11-22 05:00:01] packinfer: decode step 500, batch 40, 3 groups (largest 20), prefix tokens"
+              " saved 1, host plan 900 us/step")]
     for step, pm in zip(steps, prefix_means):
         fields = _FRAG.format(g=3, p=int(3 * (pm or 0)), pm="null" if pm is None else pm)
         lines.append(f"[2026-11-22 05:00:02 TP0] packinfer: fragmentation step {step}: {fields}")

@@ -19,7 +19,7 @@ import packinfer_sglang.config as config_module
 from packinfer_sglang.config import PackInferConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import serving_report as report  # noqa: E402
+import serving_report as report
 
 
 def _load(name: str):
@@ -109,8 +109,7 @@ def test_logs_the_planted_layout_every_n_steps(frag_log, monkeypatch, caplog, pa
 
 
 def test_off_or_without_the_packinfer_cache_does_nothing(frag_log, monkeypatch, caplog):
-    import packinfer_sglang.compaction as compaction
-    import packinfer_sglang.radix_cache as radix_cache
+    from packinfer_sglang import compaction, radix_cache
 
     def fail(*args, **kwargs):
         raise AssertionError("measured")
@@ -131,7 +130,7 @@ def test_off_or_without_the_packinfer_cache_does_nothing(frag_log, monkeypatch, 
 def test_plugin_registers_the_log_with_compaction_on_or_off(monkeypatch, compact, every):
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    import packinfer_sglang.patches as patches_package
+    from packinfer_sglang import patches as patches_package
     from packinfer_sglang import plugin
 
     hooks = {name: _load(name) for name in ("fragmentation_log", "compaction_hook")}
