@@ -21,10 +21,12 @@ environment variables reach every rank; ``packinfer serve`` sets them from its f
 | ``PACKINFER_COMPACT_PLACE`` | 1 | with compaction on, put decode tokens next to their request's tail |
 | ``PACKINFER_COMPACT_PLACE_EVERY`` | 8 | decode steps between placement refreshes (host reads) at most |
 | ``PACKINFER_KV_BASE`` | 0 | the kernel reads KV chunks that are one run of slots by base + offset |
+| ``PACKINFER_FRAG_LOG_EVERY`` | 0 | decode steps between KV fragmentation log lines, compaction on or off (0: never) |
 
 The compaction cost rule is :mod:`packinfer_sglang.compaction_plan`'s docstring; the placement
 policy is :mod:`packinfer_sglang.placement`'s. Placement follows ``PACKINFER_COMPACT``: it runs only
-when compaction is on, unless ``PACKINFER_COMPACT_PLACE=0`` turns it off there.
+when compaction is on, unless ``PACKINFER_COMPACT_PLACE=0`` turns it off there. The fragmentation
+log (:mod:`packinfer_sglang.patches.fragmentation_log`) reads the device once per line.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class PackInferConfig:
     compact_place: bool = True
     compact_place_every: int = 8
     kv_base: bool = False
+    frag_log_every: int = 0
 
     def __post_init__(self):
         if self.min_prefix_tokens < 1:
@@ -67,8 +70,9 @@ class PackInferConfig:
             raise ValueError(f"verify_rtol must be in (0, 1), got {self.verify_rtol}")
         if self.verify_every < 1:
             raise ValueError(f"verify_every must be >= 1, got {self.verify_every}")
-        if self.log_every < 0:
-            raise ValueError(f"log_every must be >= 0, got {self.log_every}")
+        for name in ("log_every", "frag_log_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("compact_every", "compact_horizon", "compact_max_tokens", "compact_place_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

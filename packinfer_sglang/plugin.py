@@ -36,6 +36,10 @@ def register() -> None:
         register_radix_cache_backend(NAME, _create_radix_cache)
     HookRegistry.register(forward_batch.TARGET, forward_batch.attach_decode_groups, HookType.AFTER)
     HookRegistry.register(batch_order.TARGET, batch_order.group_adjacent, HookType.BEFORE)
+    if get_config().frag_log_every:  # before compaction's hook, so it runs after it (later ones run first)
+        from .patches import fragmentation_log
+
+        HookRegistry.register(fragmentation_log.TARGET, fragmentation_log.log_fragmentation, HookType.BEFORE)
     if get_config().compact:  # KV compaction (issue 5): off until measured
         from .patches import compaction_hook
 

@@ -3,4 +3,5 @@
 - :mod:`.forward_batch`: carries the radix cache's decode groups onto each ``ForwardBatch``.
 - :mod:`.batch_order`: keeps each group's running requests adjacent in the decode batch.
 - :mod:`.compaction_hook`: KV compaction and decode-token placement (only with ``PACKINFER_COMPACT=1``).
+- :mod:`.fragmentation_log`: KV fragmentation of the decode batch in the log (``PACKINFER_FRAG_LOG_EVERY``).
 """

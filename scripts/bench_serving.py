@@ -1,7 +1,8 @@
 """End-to-end serving benchmark: one SGLang server per attention backend, every workload against it.
 
-For each backend in ``--backends`` (``NAME`` or ``NAME:eager``, the latter with decode CUDA graphs
-off) this starts ``python -m sglang.launch_server`` once on a weightless model directory
+For each backend in ``--backends`` (``NAME``, or ``NAME:VARIANT``: ``eager``, decode CUDA graphs off;
+``compact``, packinfer with ``PACKINFER_COMPACT=1``; joined by ``+``, as ``packinfer:compact+eager``)
+this starts ``python -m sglang.launch_server`` once on a weightless model directory
 (``--load-format dummy``; ``scripts/make_model_dir.py``), waits for ``/health`` and starts one client
 runner (``serving_client.py``). Then, for each workload of ``--workloads`` in turn:
 
@@ -9,9 +10,11 @@ runner (``serving_client.py``). Then, for each workload of ``--workloads`` in tu
    ``WARMUP_SEED_OFFSET``; not measured), sent straight to ``/generate`` so that one-time JIT
    compilation does not land in the measured TTFT; ``POST /flush_cache`` again;
 2. the measured run: SGLang's ``sglang.benchmark.serving`` (or, for parallel sampling,
-   ``serving_parallel.py``) with ``--seed`` and every request at time 0;
+   ``serving_parallel.py``) with ``--seed``, every request at time 0 (the ``mixed`` workload and
+   ``--request-rate``: Poisson arrivals);
 3. its row (output throughput, TTFT, ITL, end-to-end latency: median and p99; the ``packinfer:``
-   lines and any Traceback of the server log written meanwhile) into
+   lines, the fragmentation series of ``PACKINFER_FRAG_LOG_EVERY`` and any Traceback of the server
+   log written meanwhile) into
    ``<out-dir>/rows/<workload>.<mode>.<backend>.json``, and the report rebuilt from every row file.
 
 The server is then stopped (SIGTERM to its process group, SIGKILL after ``--stop-grace`` seconds).
@@ -19,8 +22,8 @@ A server that dies or never becomes healthy is reported (exit code, last log lin
 backend runs. Workloads and their sizes: ``serving_workloads.py``; ``--quick`` picks the small sizes.
 
 Reports (``serving_report.py``): ``<out-dir>/<report-name>.json`` (environment, exact commands,
-rows), ``.md`` (one table per workload, each backend a row with its ratio to the best baseline) and
-``.png``; logs under ``<out-dir>/logs``. Runs of separate invocations into one ``--out-dir`` merge
+rows), ``.md`` (one table per workload, each backend a row with its ratio to the best baseline),
+``.png`` and, when rows hold a fragmentation series, ``_fragmentation.png``; logs under ``<out-dir>/logs``. Runs of separate invocations into one ``--out-dir`` merge
 (``--merge-only`` rebuilds the report alone), so a full run can be split by backend or workload;
 ``--deadline-s`` skips what would not finish in time. GPU host only; ``--dry-run`` prints the plan and
 the commands anywhere.
@@ -52,6 +55,7 @@ WARMUP_SEED_OFFSET = 1000
 QUICK_DEADLINE_S = 520.0  # --quick ends within 9 minutes: the GPU host's 10-minute call limit, less margin
 LOG_TAIL_LINES = 30  # log lines kept in a row when something fails
 CLIENT_ENV = {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+VARIANTS = ("eager", "compact")  # NAME:VARIANT[+VARIANT] in --backends
 
 
 @dataclass(frozen=True)
@@ -75,16 +79,22 @@ class Unit:
 
 def plan_backends(args: argparse.Namespace, tokenizer: Path) -> list[BackendPlan]:
     """A ``BackendPlan`` per ``--backends`` entry, on ports ``--port`` + i. Raises ``ValueError`` on an
-    unknown variant, bad extra arguments or a bad ``--packinfer-env``."""
+    unknown variant, ``compact`` on another backend than packinfer, bad extra arguments or a bad
+    ``--packinfer-env``."""
     plans = []
     for i, backend in enumerate(b.strip() for b in args.backends.split(",") if b.strip()):
         name, _, variant = backend.partition(":")
-        if variant not in ("", "eager"):
-            raise ValueError(f"--backends: unknown variant {variant!r} in {backend!r} (known: eager)")
-        extra = args.extra_server_args + (" --cuda-graph-backend-decode disabled" if variant else "")
+        variants = set(variant.split("+")) if variant else set()
+        if not variants <= set(VARIANTS) or ("compact" in variants and name != PACKINFER):
+            raise ValueError(f"--backends: bad variant {variant!r} in {backend!r} (known: {', '.join(VARIANTS)};"
+                             f" compact for {PACKINFER} only)")
+        extra = args.extra_server_args + (" --cuda-graph-backend-decode disabled" if "eager" in variants else "")
+        env = procs.server_env(name, args.verify, procs.parse_env_pairs(args.packinfer_env))
+        if "compact" in variants:
+            env["PACKINFER_COMPACT"] = "1"
         plans.append(BackendPlan(backend, args.port + i,
                                  procs.server_argv(args.python, args.model_dir, tokenizer, name, args.port + i, extra),
-                                 procs.server_env(name, args.verify, procs.parse_env_pairs(args.packinfer_env))))
+                                 env))
     if not plans:
         raise ValueError("--backends names no backend")
     return plans
@@ -94,6 +104,7 @@ def plan_units(args: argparse.Namespace) -> list[Unit]:
     """The workloads of ``--workloads`` at ``--quick``/full size with the size flags applied."""
     names = wl.ALL_WORKLOADS if args.workloads == "all" else [n.strip() for n in args.workloads.split(",")]
     overrides = {f: getattr(args, f) for f in (*wl.SIZE_FIELDS, "range_ratio")}
+    overrides["request_rate"] = None if args.request_rate is None else float(args.request_rate)
     units = []
     for name in names:
         w = wl.resolve_workload(name, args.mode, overrides)
@@ -112,8 +123,7 @@ def unit_job(args: argparse.Namespace, unit: Unit, bp: BackendPlan) -> dict:
     """The measured client job of ``unit`` against ``bp``'s server."""
     return wl.client_job(unit.workload, model_dir=args.model_dir, tokenizer=args.tokenizer, port=bp.port,
                          seed=args.seed, output_file=result_file(args, unit, bp.backend),
-                         dataset_file=unit.dataset_file, request_rate=args.request_rate,
-                         extra_args=procs.split_extra_args(args.extra_client_args))
+                         dataset_file=unit.dataset_file, extra_args=procs.split_extra_args(args.extra_client_args))
 
 
 def commands(args: argparse.Namespace, unit: Unit, bp: BackendPlan) -> dict:
@@ -211,7 +221,7 @@ def write_record(args, ctx: dict, unit: Unit, bp: BackendPlan, row: dict) -> dic
     """Write the record of one run (and rebuild the report); returns the record."""
     record = {"workload_name": unit.name, "mode": args.mode, "workload": dataclasses.asdict(unit.workload),
               "description": unit.workload.describe(), "backend": bp.backend, "seed": args.seed,
-              "request_rate": args.request_rate, "model_dir": str(args.model_dir),
+              "request_rate": wl.rate_arg(unit.workload), "model_dir": str(args.model_dir),
               "environment": ctx["environment"], "commands": commands(args, unit, bp), "row": row}
     report.write_record(args.out_dir, record)
     report.merge_reports(args.out_dir, args.report_name, args.baselines)
@@ -294,7 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(re)write --model-dir with this shape preset first (llama-3-8b, qwen2.5-7b, tiny)")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (default: <model-dir>/tokenizer)")
     p.add_argument("--backends", default="packinfer,triton,flashinfer",
-                   help="comma-separated attention backends; NAME:eager runs NAME with decode CUDA graphs off")
+                   help="comma-separated attention backends; NAME:eager runs NAME with decode CUDA graphs off,"
+                   " packinfer:compact runs packinfer with PACKINFER_COMPACT=1 (KV compaction and placement;"
+                   " its own row, so packinfer,packinfer:compact compares compaction off and on in one run);"
+                   " variants combine with + (packinfer:compact+eager)")
     p.add_argument("--baseline", default="",
                    help="comma-separated backends the 'vs best base' column compares with (default: every"
                    " backend but packinfer); the best of them in each table is the reference")
@@ -305,9 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     for field in wl.SIZE_FIELDS:
         p.add_argument("--" + field.replace("_", "-"), type=int, default=None,
                        help=f"override {field} (tokens or counts) of every selected workload whose kind uses it")
-    p.add_argument("--range-ratio", type=float, default=None, help="override no-sharing's length range ratio")
+    p.add_argument("--range-ratio", type=float, default=None,
+                   help="override the length range ratio of no-sharing and mixed")
     p.add_argument("--seed", type=int, default=1, help="client seed: same prompts for every backend")
-    p.add_argument("--request-rate", default="inf", help="client request rate in requests/s; inf sends all at time 0")
+    p.add_argument("--request-rate", default=None,
+                   help="override every selected workload's client request rate (requests/s, Poisson arrivals;"
+                   " inf sends all at time 0; default: the workload's own, inf for all but mixed)")
     p.add_argument("--port", type=int, default=30000, help="first server port; backend i uses port + i")
     p.add_argument("--server-timeout", type=float, default=600.0, help="seconds to wait for /health")
     p.add_argument("--client-timeout", type=float, default=1800.0, help="seconds one workload's client may run")

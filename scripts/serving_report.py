@@ -1,5 +1,6 @@
 """Serving benchmark results: rows from client output, per-run row files, their merge into one
-report (JSON, one Markdown table per workload, a PNG of grouped bars).
+report (JSON, one Markdown table per workload, a PNG of grouped bars, and a PNG of the KV
+fragmentation series over decode steps where the server logged them).
 
 Each (workload, mode, backend) run leaves ``<out-dir>/rows/<workload>.<mode>.<backend>.json`` (a
 record: workload, backend, commands, environment and the row). ``merge_reports`` rebuilds
@@ -23,7 +24,11 @@ PACKINFER = "packinfer"
 VERSION_PACKAGES = ("torch", "triton", "sglang", "flashinfer-python", "transformers")
 LOG_LINE_PREFIX = "packinfer:"  # the backend's summary lines (config.py's PACKINFER_LOG_EVERY)
 PACKINFER_LOG_LINES = 5
-WORKLOAD_ORDER = ("anchors", "prefill-heavy", "multi-level", "parallel-sampling", "no-sharing")
+FRAGMENTATION_PREFIX = "packinfer: fragmentation step"  # PACKINFER_FRAG_LOG_EVERY
+_FRAGMENTATION_LINE = re.compile(FRAGMENTATION_PREFIX + r" (\d+): (\{.*\})")
+WORKLOAD_ORDER = ("anchors", "prefill-heavy", "multi-level", "parallel-sampling", "no-sharing", "mixed")
+# (series key stem, label) of the fragmentation plot's panels: mean and max over the logged batch.
+FRAGMENTATION_PANELS = (("prefix_runs", "runs per shared group's prefix"), ("suffix_runs", "runs per request's suffix"))
 
 # Keys of the JSON line sglang.benchmark.serving (and serving_parallel.py) appends to --output-file;
 # times in milliseconds, throughputs in tokens (or requests) per second, duration in seconds.
@@ -67,10 +72,11 @@ def read_result_file(path: Path, expected_requests: int | None = None) -> dict:
 
 def scan_server_log(text: str, last: int = PACKINFER_LOG_LINES) -> dict:
     """``log_tail``: the last ``last`` packinfer summary lines (the message starts with "packinfer:"
-    after an optional ``[date time]`` stamp; each cut to 400 characters); ``log_has_traceback``:
+    after an optional ``[date time]`` stamp; each cut to 400 characters; fragmentation lines, kept
+    whole by :func:`fragmentation_series`, left out); ``log_has_traceback``:
     whether ``Traceback`` occurs anywhere in ``text``."""
     hits = [line[:400] for line in text.splitlines()
-            if line.split("] ", 1)[-1].lstrip().startswith(LOG_LINE_PREFIX)]
+            if line.split("] ", 1)[-1].lstrip().startswith(LOG_LINE_PREFIX) and FRAGMENTATION_PREFIX not in line]
     return {"log_tail": hits[-last:], "log_has_traceback": "Traceback" in text}
 
 
@@ -100,7 +106,8 @@ def packinfer_stats(text: str) -> dict:
     """The packinfer backend's own counters from its log lines (the last decode-step line; the
     compaction lines): ``host_plan_us_per_step`` (mean host time of decode metadata since start),
     ``verified_layer_steps``, ``verify_max_rel_err``, ``compaction_plans``,
-    ``compaction_tokens_moved`` (a list, per plan). Empty dict when the log has none."""
+    ``compaction_tokens_moved`` (a list, per plan), ``fragmentation`` (:func:`fragmentation_series`).
+    Empty dict when the log has none."""
     steps = list(_PACKINFER_STEP.finditer(text))
     moved = [int(m[1]) for m in _PACKINFER_MOVED.finditer(text)]
     out = {}
@@ -111,7 +118,25 @@ def packinfer_stats(text: str) -> dict:
             out.update(verified_layer_steps=int(last[3]), verify_max_rel_err=float(last[4]))
     if moved:
         out.update(compaction_plans=len(moved), compaction_tokens_moved=moved)
+    series = fragmentation_series(text)
+    if series:
+        out["fragmentation"] = series
     return out
+
+
+def fragmentation_series(text: str) -> list[dict]:
+    """The fragmentation time series of a server log (``PACKINFER_FRAG_LOG_EVERY``; the lines of
+    ``patches/fragmentation_log.py``): per line ``{"step": N, **its JSON}`` (``groups``,
+    ``requests``, ``batch``, ``shared_groups``, ``prefix_runs``, ``suffix_runs``, ``tokens``,
+    ``runs_per_1k_tokens``, ``prefix_runs_mean``/``_max`` per shared group, ``suffix_runs_mean``/
+    ``_max`` per request), in log order. Lines whose JSON is cut off are skipped."""
+    series = []
+    for m in _FRAGMENTATION_LINE.finditer(text):
+        try:
+            series.append({"step": int(m[1]), **json.loads(m[2])})
+        except json.JSONDecodeError:
+            continue
+    return series
 
 
 def is_baseline(backend: str, baselines: tuple[str, ...] | None) -> bool:
@@ -231,6 +256,26 @@ def build_tables(records: list[dict], baselines: tuple[str, ...] | None = None) 
     return result
 
 
+def fragmentation_line(rows: list[dict]) -> str | None:
+    """One Markdown line on the rows' fragmentation series (None without any): per backend, the
+    lines logged and the mean over them of runs per shared group's prefix and per request's suffix,
+    the last line's value in parentheses."""
+    def avg(series, key):
+        values = [p[key] for p in series if p.get(key) is not None]
+        return f"{sum(values) / len(values):.2f}" if values else "-"
+
+    def last(series, key):
+        return "-" if series[-1].get(key) is None else f"{series[-1][key]:.2f}"
+
+    parts = [f"{r['backend']}: {len(f)} lines, prefix {avg(f, 'prefix_runs_mean')} ({last(f, 'prefix_runs_mean')}),"
+             f" suffix {avg(f, 'suffix_runs_mean')} ({last(f, 'suffix_runs_mean')})"
+             for r in rows if (f := r.get("fragmentation"))]
+    if not parts:
+        return None
+    return ("fragmentation (runs per shared group's prefix and per request's suffix, mean over the logged decode"
+            " batches, last in parentheses): " + "; ".join(parts))
+
+
 def render_markdown(tables: list[dict], title: str = "Serving benchmark",
                     baselines: tuple[str, ...] | None = None) -> str:
     """The report: environment lines (every GPU, version set and date seen), then per workload a
@@ -253,6 +298,8 @@ def render_markdown(tables: list[dict], title: str = "Serving benchmark",
         best = t.get("best_baseline") or "none"
         lines += [f"## {t['workload_name']} ({t['mode']})", "", f"{t['description']}; best baseline: {best}",
                   "", render_table(t["rows"]), ""]
+        frag = fragmentation_line(t["rows"])
+        lines += [frag, ""] if frag else []
     return "\n".join(lines)
 
 
@@ -287,10 +334,46 @@ def write_plot(path: Path, tables: list[dict]) -> None:
     plt.close(fig)
 
 
+def write_fragmentation_plot(path: Path, tables: list[dict]) -> bool:
+    """Runs per shared group's prefix (left) and per request's suffix (right) over the server's
+    decode steps, one row of panels per table with a fragmentation series, one color per backend
+    (solid: mean over the logged batch, dotted: max). Returns False (nothing written) without a
+    series. Needs matplotlib."""
+    tables = [t for t in tables if any(r.get("fragmentation") for r in t["rows"])]
+    if not tables:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backends = sorted({r["backend"] for t in tables for r in t["rows"] if r.get("fragmentation")}, key=_backend_order)
+    color = {b: f"C{i}" for i, b in enumerate(backends)}
+    nan = float("nan")
+    fig, axes = plt.subplots(len(tables), len(FRAGMENTATION_PANELS), figsize=(11, 3.6 * len(tables)), squeeze=False)
+    for panel_row, t in zip(axes, tables):
+        for ax, (key, label) in zip(panel_row, FRAGMENTATION_PANELS):
+            for row in (r for r in t["rows"] if r.get("fragmentation")):
+                series, b = row["fragmentation"], row["backend"]
+                steps = [p["step"] for p in series]
+                for stat, style in (("mean", "-"), ("max", ":")):
+                    values = [nan if p.get(f"{key}_{stat}") is None else p[f"{key}_{stat}"] for p in series]
+                    ax.plot(steps, values, style, color=color[b], lw=1.5 if stat == "mean" else 1.0, label=f"{b} {stat}")
+            ax.set_title(f"{t['workload_name']} ({t['mode']}): {label}", fontsize=9)
+            ax.set_xlabel("decode step (server)")
+            ax.set_ylabel("contiguous slot runs")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def merge_reports(out_dir: Path, name: str = "serving", baselines: tuple[str, ...] | None = None
                   ) -> tuple[list[dict], list[Path]]:
-    """Rebuild ``out_dir/<name>.{json,md,png}`` from every record in ``out_dir/rows``; returns the
-    tables and the files written (the PNG is skipped, with a message, without matplotlib)."""
+    """Rebuild ``out_dir/<name>.{json,md,png}`` (and ``<name>_fragmentation.png`` where rows hold a
+    fragmentation series) from every record in ``out_dir/rows``; returns the tables and the files
+    written (the PNGs are skipped, with a message, without matplotlib)."""
     tables = build_tables(load_records(out_dir), baselines)
     json_path, md_path, png_path = (out_dir / f"{name}{ext}" for ext in (".json", ".md", ".png"))
     report = {"generated": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -303,6 +386,9 @@ def merge_reports(out_dir: Path, name: str = "serving", baselines: tuple[str, ..
         if tables:
             write_plot(png_path, tables)
             written.append(png_path)
+        frag_path = out_dir / f"{name}_fragmentation.png"
+        if write_fragmentation_plot(frag_path, tables):
+            written.append(frag_path)
     except Exception as exc:  # noqa: BLE001 -- a missing matplotlib is not worth a failed run
         print(f"plot skipped: {type(exc).__name__}: {exc}", flush=True)
     return tables, written

@@ -60,12 +60,51 @@ def test_presets():
     assert wl.PRESETS["anchors"]["full"] == W("shared-prefix", 8, 32, 4096, 64, 1024)  # ANCHORS.md
     assert wl.PRESETS["anchors"]["quick"] == W("shared-prefix", 8, 32, 4096, 64, 128)
     assert wl.PRESETS["smoke"]["full"] == wl.PRESETS["smoke"]["quick"] == W("shared-prefix", 2, 4, 256, 16, 16)
-    assert {wl.PRESETS[n]["full"].kind for n in wl.ALL_WORKLOADS} == set(wl.KINDS)
+    assert {wl.PRESETS[n]["full"].kind for n in wl.ALL_WORKLOADS} == set(wl.KINDS) - {"mixed"}  # mixed: alone
     prefill = wl.PRESETS["prefill-heavy"]["full"]
     assert prefill.num_groups >= 64 and prefill.output_len <= 16
-    for name in wl.ALL_WORKLOADS:
+    for name in (*wl.ALL_WORKLOADS, "mixed"):
         full, quick = wl.PRESETS[name]["full"], wl.PRESETS[name]["quick"]
         assert wl.estimate_seconds(quick) <= wl.estimate_seconds(full) and quick.kind == full.kind
+
+
+def test_mixed_preset_runs_minutes_at_a_finite_rate():
+    full, quick = wl.PRESETS["mixed"]["full"], wl.PRESETS["mixed"]["quick"]
+    assert (full.num_requests, full.request_rate, quick.num_requests, quick.request_rate) == (1560, 12.0, 960, 16.0)
+    # Arrivals plus the last request's decode: two servers and two starts of 90 s fit in 9 minutes.
+    assert 120 <= wl.estimate_seconds(full) and 2 * (90 + 8 + wl.estimate_seconds(full)) < 9 * 60
+    assert 60 <= wl.estimate_seconds(quick) <= 90
+    assert wl.expected_input_tokens(full) is None and "12 requests/s" in full.describe()
+    assert wl.rate_arg(full) == "12" and wl.rate_arg(wl.PRESETS["anchors"]["full"]) == "inf"
+    # --request-rate overrides every kind but parallel sampling; inf means all at time 0.
+    assert wl.resolve_workload("anchors", "quick", {"request_rate": 4.0}).request_rate == 4.0
+    assert wl.resolve_workload("anchors", "quick", {"request_rate": float("inf")}).request_rate is None
+    assert wl.resolve_workload("parallel-sampling", "quick", {"request_rate": 4.0}).request_rate is None
+    with pytest.raises(ValueError, match="request_rate"):
+        wl.resolve_workload("mixed", "quick", {"request_rate": float("inf")})
+    assert wl.dataset_cache_files(full, 1) == []  # lengths varied: the stock client does not cache them
+
+
+def test_dry_run_of_compaction_off_and_on_for_the_mixed_workload(tiny, tmp_path, capsys):
+    bench.main(["--model-dir", str(tiny), "--backends", "packinfer,packinfer:compact", "--workloads", "mixed",
+                "--packinfer-env", "PACKINFER_FRAG_LOG_EVERY=100", "--out-dir", str(tmp_path), "--dry-run"])
+    text = capsys.readouterr().out
+    plans = [json.loads(m) for m in re.findall(r"^\{\n.*?^\}", text, re.DOTALL | re.MULTILINE)]
+    assert [p["backend"] for p in plans] == ["packinfer", "packinfer:compact"]
+    assert [p["server_env"].get("PACKINFER_COMPACT") for p in plans] == [None, "1"]
+    assert {p["server_env"]["PACKINFER_FRAG_LOG_EVERY"] for p in plans} == {"100"}
+    assert plans[0]["server"].replace("30000", "30001") == plans[1]["server"]
+    assert "--cuda-graph-backend-decode" not in plans[1]["server"]  # decode CUDA graphs on
+    client = plans[1]["clients"]["mixed"]
+    assert "--request-rate 12 " in client and "--gsp-group-distribution zipf" in client
+    assert "mixed.full.packinfer-compact.jsonl" in client
+    args = _args(["--model-dir", str(tiny), "--backends", "packinfer:compact+eager,triton:eager"])
+    plans = bench.plan_backends(args, tiny)
+    assert plans[0].server_env["PACKINFER_COMPACT"] == "1" and "PACKINFER_COMPACT" not in plans[1].server_env
+    assert all(p.server_argv[-2:] == ["--cuda-graph-backend-decode", "disabled"] for p in plans)
+    for bad in ("triton:compact", "packinfer:fast"):
+        with pytest.raises(ValueError, match="variant"):
+            bench.plan_backends(_args(["--model-dir", str(tiny), "--backends", bad]), tiny)
 
 
 def test_overrides_apply_where_the_kind_uses_the_field():
@@ -86,6 +125,9 @@ def test_overrides_apply_where_the_kind_uses_the_field():
     {"kind": "nope"}, {"question_len": 0}, {"fewshot_len": 5}, {"range_ratio": 0.5},
     {"kind": "multi-level"}, {"kind": "multi-level", "fewshot_len": 8, "output_len": 3},
     {"kind": "parallel-sampling"}, {"kind": "no-sharing"}, {"num_groups": 0},
+    {"kind": "mixed", "request_rate": 8.0}, {"kind": "mixed", "zipf_alpha": 1.1},
+    {"zipf_alpha": 1.1}, {"request_rate": 0.0}, {"request_rate": float("inf")},
+    {"kind": "mixed", "zipf_alpha": 1.1, "request_rate": 8.0, "fewshot_len": 4},
 ])
 def test_invalid_workloads_raise(bad):
     with pytest.raises(ValueError):
@@ -97,6 +139,7 @@ def test_invalid_workloads_raise(bad):
     (W("multi-level", 3, 5, 37, 17, 9, fewshot_len=11), 15 * 65, 37 + 3 * 11 + 15 * 17),
     (W("parallel-sampling", 3, 5, 37, 0, 9), 15 * 37, 3 * 37),
     (W("no-sharing", 4, 1, 0, 100, 9, range_ratio=0.5), None, 300),
+    (W("mixed", 3, 5, 40, 20, 9, range_ratio=0.5, zipf_alpha=1.0, request_rate=2.0), None, (3 * 40 + 15 * 20) * 3 // 4),
 ])
 def test_token_counts(w, expected, distinct):
     assert wl.expected_input_tokens(w) == expected
@@ -107,7 +150,7 @@ def _prefix_count(seqs: list[list[int]], n: int) -> int:
     return len({tuple(s[:n]) for s in seqs})
 
 
-@pytest.mark.parametrize("w", [wl.PRESETS[n]["quick"] for n in wl.ALL_WORKLOADS])
+@pytest.mark.parametrize("w", [wl.PRESETS[n]["quick"] for n in (*wl.ALL_WORKLOADS, "mixed")])
 def test_warmup_bodies_have_the_workloads_shape(w):
     bodies = wl.warmup_bodies(w, seed=5, vocab_size=TINY_VOCAB)
     ww = wl.warmup_workload(w)
@@ -139,7 +182,7 @@ def _parse_with_sglang_client(argv: list[str], monkeypatch) -> argparse.Namespac
     return captured["args"]
 
 
-@pytest.mark.parametrize("name", ["anchors", "multi-level", "no-sharing"])
+@pytest.mark.parametrize("name", ["anchors", "multi-level", "no-sharing", "mixed"])
 def test_client_jobs_parsed_by_sglang_client(name, tmp_path, monkeypatch):
     w = wl.resolve_workload(name, "quick")
     job = wl.client_job(w, model_dir=tmp_path, tokenizer=tmp_path / "tok", port=30017, seed=7,
@@ -149,12 +192,18 @@ def test_client_jobs_parsed_by_sglang_client(name, tmp_path, monkeypatch):
     args = _parse_with_sglang_client(job["argv"], monkeypatch)
     assert (args.backend, args.host, args.port, args.num_prompts, args.seed) == (
         "sglang", "127.0.0.1", 30017, w.num_requests, 7)
-    assert args.request_rate == float("inf") and args.warmup_requests == 0 and args.flush_cache
+    assert args.request_rate == (w.request_rate or float("inf")) and args.warmup_requests == 0 and args.flush_cache
     assert (args.tokenizer, args.output_file) == (str(tmp_path / "tok"), str(tmp_path / "r.jsonl"))
     if w.kind == "shared-prefix":
         assert (args.dataset_name, args.gsp_num_groups, args.gsp_prompts_per_group, args.gsp_system_prompt_len,
                 args.gsp_question_len, args.gsp_output_len, args.gsp_range_ratio) == (
             "generated-shared-prefix", 8, 32, 4096, 64, 128, 1.0)
+        assert args.gsp_group_distribution == "uniform" and args.gsp_zipf_alpha is None
+    elif w.kind == "mixed":  # Poisson arrivals at 16/s of requests drawn by Zipf popularity, shuffled
+        assert (args.dataset_name, args.gsp_num_groups, args.gsp_prompts_per_group, args.gsp_system_prompt_len,
+                args.gsp_question_len, args.gsp_output_len, args.gsp_range_ratio, args.gsp_group_distribution,
+                args.gsp_zipf_alpha, args.request_rate, args.gsp_ordered) == (
+            "generated-shared-prefix", 160, 6, 2048, 256, 512, 0.25, "zipf", 1.1, 16.0, False)
     elif w.kind == "multi-level":
         assert (args.dataset_name, args.dataset_path, args.sharegpt_output_len) == (
             "custom", str(tmp_path / "d.jsonl"), w.output_len)
@@ -299,6 +348,51 @@ def test_scan_server_log():
     assert not scan["log_has_traceback"]
     assert report.scan_server_log("[x] packinfer: a\nTraceback (most recent call last):\n") == {
         "log_tail": ["[x] packinfer: a"], "log_has_traceback": True}
+
+
+_FRAG = ('{{"groups": {g}, "requests": 40, "prefix_runs": {p}, "suffix_runs": 95, "tokens": 70000,'
+         ' "runs_per_1k_tokens": 1.5, "batch": 40, "shared_groups": {g}, "prefix_runs_mean": {pm},'
+         ' "prefix_runs_max": 3, "suffix_runs_mean": 2.375, "suffix_runs_max": 9}}')
+
+
+def _frag_log(steps=(100, 200), prefix_means=(1.0, 1.5)) -> str:
+    lines = ["[2026-11-22 05:00:00] Decode batch, #running-req: 40, #token: 1",
+             ("[2026-11-22 05:00:01] packinfer: decode step 500, batch 40, 3 groups (largest 20), prefix tokens"
+              " saved 1, host plan 900 us/step")]
+    for step, pm in zip(steps, prefix_means):
+        fields = _FRAG.format(g=3, p=int(3 * (pm or 0)), pm="null" if pm is None else pm)
+        lines.append(f"[2026-11-22 05:00:02 TP0] packinfer: fragmentation step {step}: {fields}")
+    return "\n".join(lines + ["[2026-11-22 05:00:03] packinfer: fragmentation step 300: {\"groups\": 3, \"req"])
+
+
+def test_fragmentation_series_from_server_log_lines():
+    text = _frag_log(prefix_means=(1.0, None))
+    series = report.fragmentation_series(text)  # the line cut off at the end is skipped
+    assert [(p["step"], p["prefix_runs_mean"], p["suffix_runs_max"], p["batch"]) for p in series] == [
+        (100, 1.0, 9, 40), (200, None, 9, 40)]
+    assert report.packinfer_stats(text)["fragmentation"] == series
+    assert report.packinfer_stats(text)["packinfer_decode_steps"] == 500
+    assert report.scan_server_log(text)["log_tail"] == [text.splitlines()[1]]  # the series is kept whole elsewhere
+    assert report.fragmentation_series("[t] packinfer: decode step 5, batch 1") == []
+
+
+def test_fragmentation_plot_and_markdown_line(tmp_path):
+    pytest.importorskip("matplotlib")
+    w = wl.PRESETS["mixed"]["quick"]
+    for backend, means in (("packinfer", (1.0, 2.0)), ("packinfer:compact", (1.0, 1.0))):
+        rec = _record("mixed", "quick", backend, 50.0)
+        rec["row"].update(report.packinfer_stats(_frag_log(prefix_means=means)))
+        report.write_record(tmp_path, rec)
+    report.write_record(tmp_path, _record("anchors", "full", "triton", 20.0))  # no series: no panel
+    _, files = report.merge_reports(tmp_path, "x")
+    assert files[-1] == tmp_path / "x_fragmentation.png" and files[-1].read_bytes()[:4] == b"\x89PNG"
+    md = (tmp_path / "x.md").read_text()
+    assert ("packinfer: 2 lines, prefix 1.50 (2.00), suffix 2.38 (2.38); packinfer:compact: 2 lines,"
+            " prefix 1.00 (1.00)") in md and w.describe() in md
+    rows = json.loads((tmp_path / "x.json").read_text())["tables"][-1]["rows"]
+    assert [len(r["fragmentation"]) for r in rows] == [2, 2]
+    assert not report.write_fragmentation_plot(tmp_path / "none.png", report.build_tables(
+        [_record("anchors", "full", "triton", 20.0)])) and not (tmp_path / "none.png").exists()
 
 
 def test_ratio_to_best_baseline():
@@ -561,6 +655,7 @@ def serve():
                 say(f"client {{name}}")
                 if packinfer:
                     say(f"[2026-01-01 00:00:00] packinfer: decode step, workload {{name}}")
+                    say('[2026-01-01 00:00:00] packinfer: fragmentation step 7: {{"suffix_runs_mean": 2.5}}')
             self.reply(200 if self.path == "/health" or self.path.startswith("/client") else 404)
 
         def do_POST(self):
@@ -649,6 +744,7 @@ def test_driver_end_to_end_and_merge_across_invocations(tiny, tmp_path, capsys):
         assert pi["completed"] == units[name].workload.num_requests
         assert pi["input_tokens_match"] is (None if name == "no-sharing" else True)
         assert pi["log_tail"] == [f"[2026-01-01 00:00:00] packinfer: decode step, workload {name}"]
+        assert pi["fragmentation"] == [{"step": 7, "suffix_runs_mean": 2.5}] and "fragmentation" not in tr
         assert "log_tail" not in tr and not pi["log_has_traceback"] and not pi["server_log_has_traceback"]
         assert dies["status"] == "server_died" and dies["server_exit_code"] == 3
         assert "  RuntimeError: boom" in dies["server_log_tail"] and dies["server_log_has_traceback"]

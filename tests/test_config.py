@@ -38,3 +38,10 @@ def test_placement_refresh_period_must_be_positive():
     assert config_from_env({"PACKINFER_COMPACT_PLACE_EVERY": "3"}).compact_place_every == 3
     with pytest.raises(ValueError, match="compact_place_every must be >= 1"):
         config_from_env({"PACKINFER_COMPACT_PLACE_EVERY": "0"})
+
+
+def test_fragmentation_log_period():
+    assert PackInferConfig().frag_log_every == 0  # off unless asked for
+    assert config_from_env({"PACKINFER_FRAG_LOG_EVERY": "50"}).frag_log_every == 50
+    with pytest.raises(ValueError, match="frag_log_every must be >= 0"):
+        config_from_env({"PACKINFER_FRAG_LOG_EVERY": "-1"})
