@@ -186,3 +186,16 @@ def test_gpu_anchor_shape_with_bases(layout):
     out = _run(args, plan, 128 ** -0.5)
     ref = packed_cascade_attention_ref(*args, 128 ** -0.5)[0]
     assert torch.isfinite(out).all() and rel_err(out.float(), ref.float()) < TOL[torch.bfloat16]
+
+
+def test_items_with_a_base_never_read_their_slot_ids():
+    """After planning, the slot ids of every item that has a base are overwritten with garbage: the
+    output is unchanged, so those items took the base + offset path."""
+    args = make_layout(*BATCHES["groups"], 8, 2, 64, torch.float16, "mixed", seed=11)
+    plan = plan_packed_cascade(*args[3:], 8, 2, kv_base=True, prefix_chunk=64, suffix_chunk=64)
+    before = _run(args, plan, 64 ** -0.5)
+    items, bases = plan.items[: plan.num_items].cpu(), plan.kv_base[: plan.num_items].cpu()
+    assert (bases >= 0).sum() >= 2
+    for start, length in items[bases >= 0][:, 2:4].tolist():
+        plan.kv_indices[start : start + length] = args[1].shape[0] - 1  # a slot no item owns
+    assert torch.equal(_run(args, plan, 64 ** -0.5), before)
