@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serving_report as report  # noqa: E402
+import serving_report as report
 
 
 def sections(text: str) -> dict[str, str]:

@@ -13,9 +13,9 @@ import torch
 from compaction_world import World
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from packinfer_sglang.kernels.kv_indices import item_kv_bases
 
 from packinfer_sglang.compaction import collect_layouts
-from packinfer_sglang.kernels.kv_indices import item_kv_bases
 from packinfer_sglang.compaction_alloc import claim_page_ranges, claim_pages, free_page_runs
 from packinfer_sglang.compaction_plan import (
     CostModel,

@@ -115,9 +115,9 @@ def test_placement_hook_before_alloc_for_decode(hook, page_size, num_pages):
 def test_plugin_registers_placement_only_with_compaction(hook, monkeypatch, compact, place, registered):
     import sys
 
+    import packinfer_sglang.patches as patches_package
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    import packinfer_sglang.patches as patches_package
     from packinfer_sglang import plugin
 
     cfg = PackInferConfig(compact=compact, compact_place=place)

@@ -3,11 +3,11 @@
 import math
 
 import pytest
+from packinfer_sglang.kernels.packed_cascade import BLOCK_N, PREFIX_BLOCK_M
 from workload import admit, new_cache, shared_prefix_prompts
 
 from packinfer_sglang.cost_model import PackingCost
 from packinfer_sglang.grouping import form_groups
-from packinfer_sglang.kernels.packed_cascade import BLOCK_N, PREFIX_BLOCK_M
 
 
 @pytest.mark.parametrize("count, depth", [(2, 300), (17, 1000), (37, 4096), (256, 2048)])

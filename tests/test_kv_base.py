@@ -5,14 +5,14 @@ scattered, contiguous and mixed layouts, eager and persistent (CUDA-graph buffer
 import pytest
 import torch
 from conftest import DEVICE, TOL, gpu, rel_err
-from test_decode_step import flat_reference, random_kv, running_batch
-
-from packinfer_sglang.decode_step import GraphBuffers, build_decode_step, run_decode_step
-from packinfer_sglang.grouping import ungrouped
 from packinfer_sglang.kernels import plan_packed_cascade, plan_work, run_packed_cascade
 from packinfer_sglang.kernels.kv_indices import item_kv_bases
 from packinfer_sglang.kernels.packed_cascade import StaticPlanBuffers
 from packinfer_sglang.kernels.reference import item_kv_bases_ref, packed_cascade_attention_ref
+from test_decode_step import flat_reference, random_kv, running_batch
+
+from packinfer_sglang.decode_step import GraphBuffers, build_decode_step, run_decode_step
+from packinfer_sglang.grouping import ungrouped
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -94,7 +94,7 @@ def test_kernel_with_bases_equals_flat(batch, layout, heads):
     args = make_layout(*BATCHES[batch], *heads, 64, dtype, layout, seed)
     sm_scale = 64 ** -0.5
     ref = packed_cascade_attention_ref(*args, sm_scale)[0]
-    kw = dict(prefix_chunk=64, suffix_chunk=64)
+    kw = {"prefix_chunk": 64, "suffix_chunk": 64}
     with_bases = plan_packed_cascade(*args[3:], heads[0], heads[1], kv_base=True, **kw)
     without = plan_packed_cascade(*args[3:], heads[0], heads[1], **kw)
     bases = with_bases.kv_base[: with_bases.num_items].cpu()
