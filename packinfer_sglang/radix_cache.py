@@ -32,6 +32,13 @@ def current_cache() -> PackInferRadixCache | None:
     return _current
 
 
+def batch_cache(batch) -> PackInferRadixCache | None:
+    """The packinfer radix cache of a ``ScheduleBatch``: its ``tree_cache`` when it is one, else
+    :func:`current_cache`; ``None`` when the server runs another cache."""
+    tree = getattr(batch, "tree_cache", None)
+    return tree if isinstance(tree, PackInferRadixCache) else current_cache()
+
+
 class PackInferRadixCache(RadixCache):
     """SGLang's ``RadixCache`` plus decode grouping. Constructed like it, from ``CacheInitParams``."""
 

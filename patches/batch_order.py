@@ -44,10 +44,9 @@ def _reorder_safe(batch) -> bool:
 def group_adjacent(batch, *args, **kwargs):
     """``HookType.BEFORE`` hook: ``(batch)``; returns ``None`` (arguments unchanged)."""
     from packinfer_sglang.config import get_config
-    from packinfer_sglang.radix_cache import PackInferRadixCache, current_cache
+    from packinfer_sglang.radix_cache import batch_cache
 
-    tree = getattr(batch, "tree_cache", None)
-    tree = tree if isinstance(tree, PackInferRadixCache) else current_cache()
+    tree = batch_cache(batch)
     if not (get_config().reorder_batch and tree is not None and _reorder_safe(batch)):
         return
     groups = tree.decode_groups(batch.reqs, batch.seq_lens_cpu)

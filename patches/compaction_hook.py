@@ -92,11 +92,10 @@ def _remaining_steps(reqs, horizon: int) -> np.ndarray:
 def plan_and_relocate(batch, *args, **kwargs):
     """``HookType.BEFORE`` hook on ``prepare_for_decode``: ``(batch)``; returns ``None``."""
     from packinfer_sglang.config import get_config
-    from packinfer_sglang.radix_cache import PackInferRadixCache, current_cache
+    from packinfer_sglang.radix_cache import batch_cache
 
     cfg = get_config()
-    tree = getattr(batch, "tree_cache", None)
-    tree = tree if isinstance(tree, PackInferRadixCache) else current_cache()
+    tree = batch_cache(batch)
     if tree is None or not batch.reqs or batch.spec_info is not None or not batch.spec_algorithm.is_none():
         return
     relocator = _relocator(batch, tree)
@@ -157,10 +156,9 @@ def place_decode_tokens(batch, token_per_req=1, *args, **kwargs):
     """``HookType.BEFORE`` hook on ``alloc_for_decode``: ``(batch, token_per_req)``; returns ``None``."""
     from packinfer_sglang.config import get_config
     from packinfer_sglang.placement import group_rows
-    from packinfer_sglang.radix_cache import PackInferRadixCache, current_cache
+    from packinfer_sglang.radix_cache import batch_cache
 
-    tree = getattr(batch, "tree_cache", None)
-    tree = tree if isinstance(tree, PackInferRadixCache) else current_cache()
+    tree = batch_cache(batch)
     if tree is None or token_per_req != 1 or not batch.reqs or batch.spec_info is not None:
         return
     placer = _placer(batch, tree)

@@ -42,15 +42,13 @@ def _packing_cost(model_runner):
 
 def attach_decode_groups(forward_batch, *args, **kwargs):
     """``HookType.AFTER`` hook: ``(result, cls, batch, model_runner, ...)``."""
-    from packinfer_sglang.radix_cache import PackInferRadixCache, current_cache
+    from packinfer_sglang.radix_cache import batch_cache
 
     batch = args[1] if len(args) > 1 else kwargs.get("batch")
     model_runner = args[2] if len(args) > 2 else kwargs.get("model_runner")
     if batch is None or not batch.forward_mode.is_decode() or batch.spec_info is not None:
         return forward_batch
-    tree = getattr(batch, "tree_cache", None)
-    if not isinstance(tree, PackInferRadixCache):
-        tree = current_cache()
+    tree = batch_cache(batch)
     if tree is None:
         return forward_batch  # this server does not use --radix-cache-backend packinfer
     if len(batch.reqs) != forward_batch.batch_size:

@@ -66,13 +66,12 @@ def log_fragmentation(batch, *args, **kwargs):
     """``HookType.BEFORE`` hook on ``prepare_for_decode``: ``(batch)``; returns ``None``. Without
     ``PACKINFER_FRAG_LOG_EVERY`` or the packinfer radix cache it returns at once."""
     from packinfer_sglang.config import get_config
-    from packinfer_sglang.radix_cache import PackInferRadixCache, current_cache
+    from packinfer_sglang.radix_cache import batch_cache
 
     every = get_config().frag_log_every
     if not every or not batch.reqs:
         return
-    tree = getattr(batch, "tree_cache", None)
-    tree = tree if isinstance(tree, PackInferRadixCache) else current_cache()
+    tree = batch_cache(batch)
     if tree is None:
         return
     _state.steps += 1

@@ -303,13 +303,26 @@ def render_markdown(tables: list[dict], title: str = "Serving benchmark",
     return "\n".join(lines)
 
 
-def write_plot(path: Path, tables: list[dict]) -> None:
-    """Grouped bars: output throughput per workload (groups) and backend (bars), ratio to the best
-    baseline written over each bar. Needs matplotlib."""
+def _pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+
+
+def write_plot(path: Path, tables: list[dict]) -> None:
+    """Grouped bars: output throughput per workload (groups) and backend (bars), ratio to the best
+    baseline written over each bar. Needs matplotlib."""
+    plt = _pyplot()
 
     backends = sorted({r["backend"] for t in tables for r in t["rows"]}, key=_backend_order)
     width = 0.8 / max(1, len(backends))
@@ -329,9 +342,7 @@ def write_plot(path: Path, tables: list[dict]) -> None:
     ax.set_ylabel("output tokens/s")
     ax.set_title("SGLang server, output throughput by attention backend")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_fragmentation_plot(path: Path, tables: list[dict]) -> bool:
@@ -342,10 +353,7 @@ def write_fragmentation_plot(path: Path, tables: list[dict]) -> bool:
     tables = [t for t in tables if any(r.get("fragmentation") for r in t["rows"])]
     if not tables:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     backends = sorted({r["backend"] for t in tables for r in t["rows"] if r.get("fragmentation")}, key=_backend_order)
     color = {b: f"C{i}" for i, b in enumerate(backends)}
@@ -363,9 +371,7 @@ def write_fragmentation_plot(path: Path, tables: list[dict]) -> bool:
             ax.set_xlabel("decode step (server)")
             ax.set_ylabel("contiguous slot runs")
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
