@@ -97,17 +97,19 @@ def copy_rows(layers: int, kv_heads: int, head_dim: int, dev: torch.device) -> l
 
 def markdown(meta: dict, kernel: list[dict], copy: list[dict]) -> str:
     lines = [(f"# Compaction: kernel layout and copy cost\n\nGPU {meta['gpu']}; torch {meta['torch']}, triton "
-              f"{meta['triton']}, sglang {meta['sglang']}; {meta['date']}\n"), "## Kernel (µs)\n",
-             "| case | layout | index F | index P | base F | base P | fast items | bases µs |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+              f"{meta['triton']}, sglang {meta['sglang']}; {meta['date']}\n")]
+    if kernel:
+        lines += ["## Kernel (µs)\n", "| case | layout | index F | index P | base F | base P | fast items | bases µs |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
     fmt = lambda r: f"{r['us']:.1f}" if r["us"] is not None else "fail"
     for i in range(0, len(kernel), 4):
         a, b, c, d = kernel[i : i + 4]
         lines.append(f"| {a['case']} | {a['layout']} | {fmt(a)} | {fmt(b)} | {fmt(c)} | {fmt(d)} | "
                      f"{c['fast_items']}/{c['items']} | {c['bases_us']:.1f} |")
-    lines += ["", f"## Relocation copy ({meta['copy_shape']})\n", "| tokens | µs | ns/token | GB/s |",
-              "|---:|---:|---:|---:|"]
-    lines += [f"| {r['tokens']} | {r['us']:.1f} | {r['ns_per_token']:.1f} | {r['gb_s']:.0f} |" for r in copy]
+    if copy:
+        lines += ["", f"## Relocation copy ({meta['copy_shape']})\n", "| tokens | µs | ns/token | GB/s |",
+                  "|---:|---:|---:|---:|"]
+        lines += [f"| {r['tokens']} | {r['us']:.1f} | {r['ns_per_token']:.1f} | {r['gb_s']:.0f} |" for r in copy]
     return "\n".join(lines) + "\n"
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from compaction_world import World
+from conftest import DEVICE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from packinfer_sglang.kernels.kv_indices import item_kv_bases
@@ -98,8 +99,9 @@ def test_plan_is_deterministic_and_ignores_object_identity():
 
 
 def test_item_kv_bases_mark_single_run_items():
-    kv = torch.tensor([7, 8, 9, 3, 4, 20, 21, 22, 23, 5], dtype=torch.int32)
-    starts, lens = torch.tensor([0, 0, 3, 5, 4, 9, 2]), torch.tensor([3, 4, 2, 4, 2, 1, 1])
+    kv = torch.tensor([7, 8, 9, 3, 4, 20, 21, 22, 23, 5], dtype=torch.int32, device=DEVICE)
+    starts = torch.tensor([0, 0, 3, 5, 4, 9, 2], device=DEVICE)
+    lens = torch.tensor([3, 4, 2, 4, 2, 1, 1], device=DEVICE)
     assert item_kv_bases(kv, starts, lens).tolist() == [7, -1, 3, 20, -1, 5, 9]
 
 
