@@ -40,13 +40,17 @@ def test_item_kv_bases_equals_oracle(seed):
 
 
 def test_item_kv_bases_edges():
-    kv = torch.tensor([7, 8, 9, 3, 20, 21, 5, 9], dtype=torch.int32)
-    starts, lens = torch.tensor([0, 1, 3, 4, 4, 6, 7, 2]), torch.tensor([3, 3, 1, 2, 3, 1, 1, 0])
+    kv = torch.tensor([7, 8, 9, 3, 20, 21, 5, 9], dtype=torch.int32, device=DEVICE)
+    starts = torch.tensor([0, 1, 3, 4, 4, 6, 7, 2], device=DEVICE)
+    lens = torch.tensor([3, 3, 1, 2, 3, 1, 1, 0], device=DEVICE)
     assert item_kv_bases(kv, starts, lens).tolist() == [7, -1, 3, 20, -1, 5, 9, -1]
     with pytest.raises(ValueError, match="num_items"):
         item_kv_bases(kv, starts, lens[:3])
     with pytest.raises(ValueError, match="int32/int64"):
-        item_kv_bases(kv, starts, lens, torch.zeros(8, dtype=torch.float32))
+        item_kv_bases(kv, starts, lens, torch.zeros(8, dtype=torch.float32, device=DEVICE))
+    if DEVICE.type == "cuda":
+        with pytest.raises(ValueError, match="device"):
+            item_kv_bases(kv.cpu(), starts, lens)
 
 
 def make_layout(group_sizes, prefix_lens, suffix_lens, num_qo_heads, num_kv_heads, head_dim, dtype, layout, seed):
