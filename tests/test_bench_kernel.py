@@ -203,6 +203,34 @@ def test_summarize_row_and_issue4_targets():
     assert [t["ok"] for t in broken["issue4"]] == [None] and broken["speedup_best"] is None
 
 
+_META = {"gpu": "NVIDIA H200", "torch": "t", "triton": "t", "sglang": "s", "flashinfer": "f", "date": "d",
+         "rates_source": "measured in this run", "timing": "t", "l2": "warm", "tolerance": {}, "fa2_note": "n",
+         "copy_bandwidth": 2.77e12}
+
+
+def test_floor_is_raised_to_the_fastest_achieved_bandwidth(tmp_path, capsys):
+    """A floor a kernel beats is no floor: the probes' bandwidth gives way to the best achieved one."""
+    anchor, flat = kc.make_case(64, 4096, 256), kc.make_case(64, 0, 4096, "none")
+    bw, rate = 3.54e12, 680e12
+    floors = [kc.floor_us(c, bw, rate) for c in (anchor, flat)]
+    rows = [_row(anchor, floors[0], ours=_ok(48.9), flashinfer_decode=_ok(142.0)),
+            _row(flat, floors[1], ours=_ok(0.9 * floors[1]), flashinfer_decode=_ok(floors[1]))]
+    meta = {"bandwidth": bw, "matmul_rate": rate}
+    achieved = kr.raise_floor_to_achieved(meta, rows)
+    assert achieved == pytest.approx(bw / 0.9) and meta["bandwidth"] == achieved and meta["bandwidth_probe"] == bw
+    assert rows[1]["impls"]["ours"]["x_floor"] == pytest.approx(1.0)
+    assert rows[0]["floor_us"] == pytest.approx(kc.floor_us(anchor, achieved, rate))
+    assert rows[0]["issue4"][0]["value"] == pytest.approx(48.9 / rows[0]["floor_us"])
+    assert kr.raise_floor_to_achieved(meta, rows) is None and meta["bandwidth_probe"] == bw  # idempotent
+    path = kr.write_outputs(tmp_path, "kernel_h200_t", {**_META, "bandwidth": bw, "matmul_rate": rate},
+                            [_row(anchor, floors[0], ours=_ok(48.9)),
+                             _row(flat, floors[1], ours=_ok(0.9 * floors[1]))], plot=False)
+    assert kr.main([str(path)]) == 0 and "raised to the achieved rate" in capsys.readouterr().out
+    data = json.loads(path.read_text())
+    assert data["meta"]["bandwidth"] == pytest.approx(achieved)
+    assert "above the probes' 3.54 TB/s" in path.with_suffix(".md").read_text()
+
+
 def test_render_table_console_line_and_targets():
     rows = [_row(kc.make_case(64, 4096, 256), 20.0, ours={**_ok(25.0), "plan_us": 140.0},
                  sglang_triton=_ok(225.0), flashinfer_decode=_ok(142.5),
