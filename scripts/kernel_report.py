@@ -65,7 +65,7 @@ def raise_floor_to_achieved(meta: dict, rows: list[dict]) -> float | None:
     ``bytes_min`` faster than ``meta["bandwidth"]`` (the in-run probes), that achieved rate becomes
     the floor's bandwidth and every row's ``floor_us`` and derived fields are recomputed in place.
     The probes' figure stays in ``meta["bandwidth_probe"]``. On the H200 of 2026-12-01 the probes
-    read 3.54 TB/s while plain decode reached 3.89 (ANCHORS.md's H200 copied 4.24). Returns the new
+    read 3.54 TB/s while FlashInfer's plain decode reached 4.01 (ANCHORS.md's H200 copied 4.24). Returns the new
     bandwidth in B/s, or ``None`` when the probes already bound every timing."""
     achieved = max((row["min_bytes"] / (res["us"] * 1e-6) for row in rows for res in row["impls"].values()
                     if us_of(res)), default=0.0)
@@ -246,8 +246,8 @@ def write_outputs(out_dir: Path, stem: str, meta: dict, rows: list[dict], plot: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Rebuilds the .md and .png of result JSONs with :func:`raise_floor_to_achieved` applied (for
-    JSONs written before the rule); the JSON is rewritten when the floor moved."""
+    """Rewrites result JSONs and their .md and .png with :func:`raise_floor_to_achieved` applied (for
+    JSONs written before the rule)."""
     import argparse
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("json", nargs="+", type=Path, help="kernel_<gpu>_<mode>.json files of bench_kernel.py")
