@@ -124,19 +124,17 @@ def _attend_kv(
 
 @triton.jit
 def _attend_item(
-    Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, Merge_Counters, O_Partial, LSE_Partial, Out,
-    LSE_Out, item, kv_head, sm_scale_log2,
+    Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
+    item, kv_head, sm_scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt, stride_ct,
+    stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
     GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, STORE_LSE: tl.constexpr,
-    HAS_KV_BASE: tl.constexpr, FUSED_MERGE: tl.constexpr,
+    HAS_KV_BASE: tl.constexpr,
 ):
     """One work item (a tile of query rows against one KV chunk) for one KV head. Rows of a
     request with one partial in the plan are final: written to ``Out`` (and ``LSE_Out``) here.
-    ``HAS_KV_BASE``: ``KV_Base[item]`` (a slot, or -1) selects the contiguous fast path.
-    ``FUSED_MERGE``: the other rows' partials are merged in this launch by whichever item of the
-    request finishes last (:func:`_merge_if_last`); else by :func:`.merge.merge_partials` after it."""
+    ``HAS_KV_BASE``: ``KV_Base[item]`` (a slot, or -1) selects the contiguous fast path."""
     qo_start = tl.load(Items + item * 5 + 0)
     qo_len = tl.load(Items + item * 5 + 1)
     kv_start = tl.load(Items + item * 5 + 2)
@@ -168,9 +166,8 @@ def _attend_item(
                                    HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_FP32, False)
 
     first = tl.load(Merge_Indptr + tok, mask=mask_m, other=0)
-    count = tl.load(Merge_Indptr + tok + 1, mask=mask_m, other=0) - first
-    final = mask_m & (count == 1)
-    split = mask_m & (count > 1)
+    final = mask_m & (tl.load(Merge_Indptr + tok + 1, mask=mask_m, other=0) - first == 1)
+    split = mask_m & ~final
     o = acc / l_i[:, None]
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
     tl.store(Out + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
@@ -181,91 +178,18 @@ def _attend_item(
     tl.store(O_Partial + row[:, None] * stride_pr + head[:, None] * stride_ph + offs_d[None, :], o,
              mask=split[:, None] & mask_d[None, :])
     tl.store(LSE_Partial + row * stride_lr + head, lse, mask=split)
-    if FUSED_MERGE:
-        _merge_if_last(Merge_Counters, O_Partial, LSE_Partial, Out, LSE_Out, tok, head, first, count, split,
-                       stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt, stride_ct,
-                       HEAD_DIM, BLOCK_D, BLOCK_M, STORE_LSE)
-
-
-@triton.jit
-def _merge_if_last(
-    Merge_Counters, O_Partial, LSE_Partial, Out, LSE_Out, tok, head, first, count, split,
-    stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt, stride_ct,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, STORE_LSE: tl.constexpr,
-):
-    """The in-launch merge (issue 4: "in the same launch"): after a tile has stored the partial
-    states of its ``split`` rows, it counts itself in for each row (``Merge_Counters[tok *
-    stride_ct + head]``, an acquire-release atomic at GPU scope after a barrier, so the tile's
-    stores are visible before the count is); the tile that brings a row's count to the number of
-    its partials merges that row's partials by log-sum-exp (as :mod:`.merge`) into ``Out`` and
-    resets its counter to 0 for the next launch (the next layer or replay). Counters must be 0
-    when a launch starts."""
-    tl.debug_barrier()  # every thread's partial stores precede the release below
-    counter = Merge_Counters + tok * stride_ct + head
-    arrived = tl.atomic_add(counter, 1, mask=split, sem="acq_rel", scope="gpu")
-    last = split & (arrived == count - 1)
-    if tl.max(last.to(tl.int32), 0) > 0:
-        tl.debug_barrier()  # the acquire above precedes every thread's loads below
-        tl.store(counter, 0, mask=last)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_d = offs_d < HEAD_DIM
-        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a row's first partial sets it
-        s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for j in range(0, tl.max(tl.where(last, count, 0), 0)):
-            valid = last & (j < count)
-            r = first + j
-            lse2 = tl.load(LSE_Partial + r * stride_lr + head, mask=valid, other=-float("inf"),
-                           cache_modifier=".cg") * 1.4426950408889634
-            o = tl.load(O_Partial + r[:, None] * stride_pr + head[:, None] * stride_ph + offs_d[None, :],
-                        mask=valid[:, None] & mask_d[None, :], other=0.0, cache_modifier=".cg")
-            m_new = tl.maximum(m_i, lse2)
-            alpha = tl.exp2(m_i - m_new)
-            w = tl.exp2(lse2 - m_new)
-            acc = acc * alpha[:, None] + w[:, None] * o
-            s_i = s_i * alpha + w
-            m_i = m_new
-        s_i = tl.where(last, s_i, 1.0)
-        tl.store(Out + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-                 (acc / s_i[:, None]).to(Out.dtype.element_ty), mask=last[:, None] & mask_d[None, :])
-        if STORE_LSE:
-            tl.store(LSE_Out + tok * stride_lt + head, (m_i + tl.log2(s_i)) * 0.6931471805599453, mask=last)
-
-
-@triton.jit
-def _zero_padding_rows(
-    Merge_Indptr, Out, LSE_Out, num_rows, kv_head, stride_ot, stride_oh, stride_lt,
-    GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    STORE_LSE: tl.constexpr,
-):
-    """Zeros the rows of ``Out`` (``lse`` -inf) of KV head ``kv_head`` that have no partials (the
-    padding of a CUDA-graph batch), ``BLOCK_M // GQA`` requests per step, strided over this launch's
-    programs: what :func:`.merge.merge_partials` does for them when the merge is a launch of its own."""
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    per_step: tl.constexpr = BLOCK_M // GQA
-    head = kv_head * GQA + offs_m % GQA
-    for t0 in range(tl.program_id(0) * per_step, num_rows, tl.num_programs(0) * per_step):
-        tok = t0 + offs_m // GQA
-        rows = (offs_m < per_step * GQA) & (tok < num_rows)
-        empty = rows & (tl.load(Merge_Indptr + tok + 1, mask=rows, other=0) == tl.load(Merge_Indptr + tok, mask=rows, other=0))
-        tl.store(Out + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-                 tl.zeros([BLOCK_M, BLOCK_D], dtype=Out.dtype.element_ty),
-                 mask=empty[:, None] & (offs_d < HEAD_DIM)[None, :])
-        if STORE_LSE:
-            tl.store(LSE_Out + tok * stride_lt + head, tl.full([BLOCK_M], -float("inf"), dtype=tl.float32), mask=empty)
 
 
 @triton.jit
 def _packed_attn_partial_kernel(
-    Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Counts, Merge_Indptr, Merge_Counters, O_Partial, LSE_Partial,
-    Out, LSE_Out, sm_scale_log2, num_rows,
+    Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Counts, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
+    sm_scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt, stride_ct,
+    stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
     GQA: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PREFIX_BLOCK_M: tl.constexpr, SUFFIX_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, PERSISTENT: tl.constexpr, STORE_LSE: tl.constexpr, ROLE: tl.constexpr,
-    HAS_KV_BASE: tl.constexpr, FUSED_MERGE: tl.constexpr,
+    HAS_KV_BASE: tl.constexpr,
 ):
     """Prefix items (``PREFIX_BLOCK_M`` rows: a group's requests x GQA) then suffix items
     (``SUFFIX_BLOCK_M`` rows: one request x GQA), all in one launch. ``Counts`` holds
@@ -277,9 +201,7 @@ def _packed_attn_partial_kernel(
     all heads' units instead was up to 7% slower on heterogeneous plain decode, H100). ``ROLE`` (persistent only):
     0 runs every plan; a graph captures a pair, 1 (compiled with 64-row prefix tiles) running plans
     with prefix items and 2 (compiled with suffix-height tiles: fewer registers, more resident
-    programs) running plans without, the other one of the pair finding nothing to do.
-    ``FUSED_MERGE``: split rows are merged in this launch (:func:`_merge_if_last`); persistent
-    launches that run the plan then also zero the ``num_rows`` rows' padding (rows without partials)."""
+    programs) running plans without, the other one of the pair finding nothing to do."""
     num_prefix_items = tl.load(Counts + 1)
     if PERSISTENT:
         num_items = tl.load(Counts)
@@ -288,47 +210,41 @@ def _packed_attn_partial_kernel(
         elif ROLE == 2:
             num_items = tl.where(num_prefix_items == 0, num_items, 0)
         for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
-            _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, Merge_Counters, O_Partial,
-                        LSE_Partial, Out, LSE_Out, item, num_prefix_items, tl.program_id(1), sm_scale_log2,
-                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_pr, stride_ph,
-                        stride_lr, stride_ot, stride_oh, stride_lt, stride_ct, GQA, HEAD_DIM, BLOCK_D,
-                        PREFIX_BLOCK_M, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE, HAS_KV_BASE, FUSED_MERGE)
-        if FUSED_MERGE:
-            if num_items > 0:  # of a graph's pair, the launch that ran the plan
-                _zero_padding_rows(Merge_Indptr, Out, LSE_Out, num_rows, tl.program_id(1), stride_ot, stride_oh,
-                                   stride_lt, GQA, HEAD_DIM, BLOCK_D, SUFFIX_BLOCK_M, STORE_LSE)
+            _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, O_Partial, LSE_Partial, Out,
+                        LSE_Out, item, num_prefix_items, tl.program_id(1), sm_scale_log2, stride_qt, stride_qh,
+                        stride_kt, stride_kh, stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot, stride_oh,
+                        stride_lt, GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32,
+                        STORE_LSE, HAS_KV_BASE)
     else:
         unit = tl.program_id(0)
-        _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, Merge_Counters, O_Partial,
-                    LSE_Partial, Out, LSE_Out, unit // NUM_KV_HEADS, num_prefix_items, unit % NUM_KV_HEADS,
-                    sm_scale_log2, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_pr,
-                    stride_ph, stride_lr, stride_ot, stride_oh, stride_lt, stride_ct, GQA, HEAD_DIM, BLOCK_D,
-                    PREFIX_BLOCK_M, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE, HAS_KV_BASE, FUSED_MERGE)
+        _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
+                    unit // NUM_KV_HEADS, num_prefix_items, unit % NUM_KV_HEADS, sm_scale_log2, stride_qt, stride_qh,
+                    stride_kt, stride_kh, stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot,
+                    stride_oh, stride_lt, GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, SUFFIX_BLOCK_M, BLOCK_N,
+                    DOT_FP32, STORE_LSE, HAS_KV_BASE)
 
 
 @triton.jit
 def _attend_any(
-    Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, Merge_Counters, O_Partial, LSE_Partial, Out,
-    LSE_Out, item, num_prefix_items, kv_head, sm_scale_log2,
+    Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
+    item, num_prefix_items, kv_head, sm_scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt, stride_ct,
+    stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
     GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PREFIX_BLOCK_M: tl.constexpr, SUFFIX_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr, STORE_LSE: tl.constexpr, HAS_KV_BASE: tl.constexpr, FUSED_MERGE: tl.constexpr,
+    DOT_FP32: tl.constexpr, STORE_LSE: tl.constexpr, HAS_KV_BASE: tl.constexpr,
 ):
     """A prefix item (``item < num_prefix_items``) or a suffix item, each with its tile height."""
     if item < num_prefix_items:
-        _attend_item(Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, Merge_Counters, O_Partial,
-                     LSE_Partial, Out, LSE_Out, item, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt,
-                     stride_kh, stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot, stride_oh,
-                     stride_lt, stride_ct, GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE,
-                     HAS_KV_BASE, FUSED_MERGE)
+        _attend_item(Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
+                     item, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
+                     stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
+                     GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE, HAS_KV_BASE)
     else:
-        _attend_item(Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, Merge_Counters, O_Partial,
-                     LSE_Partial, Out, LSE_Out, item, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt,
-                     stride_kh, stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot, stride_oh,
-                     stride_lt, stride_ct, GQA, HEAD_DIM, BLOCK_D, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE,
-                     HAS_KV_BASE, FUSED_MERGE)
+        _attend_item(Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
+                     item, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
+                     stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
+                     GQA, HEAD_DIM, BLOCK_D, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE, HAS_KV_BASE)
 
 
 def num_sms_of(device: torch.device) -> int:
@@ -348,7 +264,6 @@ def kernel_occupancy(
     device: torch.device, dtype: torch.dtype, head_dim: int, gqa_group_size: int, *,
     prefix_block_m: int = PREFIX_BLOCK_M, block_n: int = BLOCK_N, num_warps: int | None = None,
     num_stages: int = NUM_STAGES, persistent: bool = False, has_kv_base: bool = False,
-    fused_merge: bool = True,
 ) -> int:
     """Programs of the partial kernel resident at once on one multiprocessor (registers, shared
     memory, threads), from the compiled kernel for this configuration (compiled here if needed);
@@ -361,13 +276,12 @@ def kernel_occupancy(
     i32 = torch.zeros(16, dtype=torch.int32, device=device)
     f32 = torch.zeros(16, gqa_group_size, head_dim, dtype=torch.float32, device=device)
     compiled = _packed_attn_partial_kernel.warmup(
-        q, kv, kv, i32, i32, i32, i32, i32, i32, f32, f32[:, :, 0], q, f32[:, :, 0], 1.0, 16, q.stride(0),
-        q.stride(1), kv.stride(0), kv.stride(1), kv.stride(0), kv.stride(1), f32.stride(0), f32.stride(1),
-        gqa_group_size, q.stride(0), q.stride(1), gqa_group_size, gqa_group_size,
+        q, kv, kv, i32, i32, i32, i32, i32, f32, f32[:, :, 0], q, f32[:, :, 0], 1.0, q.stride(0), q.stride(1),
+        kv.stride(0), kv.stride(1), kv.stride(0), kv.stride(1), f32.stride(0), f32.stride(1), gqa_group_size,
+        q.stride(0), q.stride(1), gqa_group_size,
         GQA=gqa_group_size, NUM_KV_HEADS=1, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         PREFIX_BLOCK_M=prefix_block_m, SUFFIX_BLOCK_M=suffix_block_m_for(gqa_group_size), BLOCK_N=block_n,
-        DOT_FP32=False, PERSISTENT=persistent, STORE_LSE=False, ROLE=0, HAS_KV_BASE=has_kv_base,
-        FUSED_MERGE=fused_merge, num_warps=num_warps, num_stages=num_stages,
+        DOT_FP32=False, PERSISTENT=persistent, STORE_LSE=False, ROLE=0, HAS_KV_BASE=has_kv_base, num_warps=num_warps, num_stages=num_stages,
         grid=(1, 1) if persistent else (1,),
     )
     compiled._init_handles()
@@ -392,21 +306,19 @@ def plan_packed_cascade(
     dtype: torch.dtype | None = None,
     prefix_block_m: int = PREFIX_BLOCK_M,
     kv_base: bool = False,
-    fused_merge: bool = True,
     **plan_kwargs,
 ) -> PackedCascadePlan:
     """Plans one decode step (host work; copies the indptr arrays to the host if they are on a GPU,
     which synchronizes). ``plan_kwargs`` go to :func:`.plan.plan_work`; its ``waves`` defaults to
     :func:`kernel_occupancy` of the default launch when ``head_dim`` and ``dtype`` (of the KV) are
-    given, else 2. ``kv_base``: also compute the items' base slots (contiguous fast path).
-    ``fused_merge``: split requests are merged inside the partial launch (else by a merge launch)."""
+    given, else 2. ``kv_base``: also compute the items' base slots (contiguous fast path)."""
     gqa = num_qo_heads // num_kv_heads
     device = prefix_kv_indices.device
     plan_kwargs.setdefault("num_sms", num_sms_of(device))
     if "waves" not in plan_kwargs and head_dim is not None and dtype is not None:
         tile = prefix_block_m if int(prefix_kv_indptr[-1]) > 0 else suffix_block_m_for(gqa)  # the launch's
         plan_kwargs["waves"] = kernel_occupancy(device, dtype, head_dim, gqa, prefix_block_m=tile,
-                                                has_kv_base=kv_base, fused_merge=fused_merge)
+                                                has_kv_base=kv_base)
     plan_kwargs.setdefault("kv_align", BLOCK_N)
     work = plan_work(
         group_indptr.cpu().numpy(), prefix_kv_indptr.cpu().numpy(), suffix_kv_indptr.cpu().numpy(),
@@ -414,8 +326,7 @@ def plan_packed_cascade(
     )
     kv_indices = torch.cat([prefix_kv_indices[: int(prefix_kv_indptr[-1])],
                             suffix_kv_indices[: int(suffix_kv_indptr[-1])]]).to(torch.int32)
-    return make_plan(work, kv_indices, gqa, prefix_block_m, kv_base=kv_base,
-                     num_qo_heads=num_qo_heads if fused_merge else None)
+    return make_plan(work, kv_indices, gqa, prefix_block_m, kv_base=kv_base)
 
 
 def run_packed_cascade(
@@ -435,9 +346,7 @@ def run_packed_cascade(
     :func:`packed_cascade_attention` validates them. Rows of ``out`` past the plan's requests (padding
     of a CUDA-graph batch) are written with zeros. Allocates no host memory and never synchronizes,
     so it can be captured in a CUDA graph. ``block_n`` (KV tokens per inner step), ``num_warps``
-    (default: 4 for tiles up to 64 x 128, else 8) and ``num_stages`` are launch tuning only.
-    A plan with ``merge_counters`` merges split requests inside the partial launch (one launch per
-    layer, or the graph's pair); without, a :func:`.merge.merge_partials` launch follows."""
+    (default: 4 for tiles up to 64 x 128, else 8) and ``num_stages`` are launch tuning only."""
     _, num_qo_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
     gqa = num_qo_heads // num_kv_heads
@@ -445,23 +354,18 @@ def run_packed_cascade(
     lse_partial = torch.empty(plan.num_partials, num_qo_heads, dtype=torch.float32, device=q.device)
     lse_arg = lse if lse is not None else lse_partial
     kv_base = plan.kv_indices if plan.kv_base is None else plan.kv_base
-    fused = plan.merge_counters is not None
-    if fused and plan.merge_counters.numel() < out.shape[0] * num_qo_heads:
-        raise ValueError(f"plan's merge_counters hold {plan.merge_counters.numel()} rows x heads, "
-                         f"need {out.shape[0]} x {num_qo_heads}")
-    counters = plan.merge_counters if fused else plan.counts
     args = (q, k_buffer, v_buffer, plan.kv_indices, kv_base, plan.items, plan.counts, plan.merge_indptr,
-            counters, o_partial, lse_partial, out, lse_arg, sm_scale * 1.4426950408889634, out.shape[0],
+            o_partial, lse_partial, out, lse_arg, sm_scale * 1.4426950408889634,
             q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
             v_buffer.stride(0), v_buffer.stride(1), o_partial.stride(0), o_partial.stride(1),
-            lse_partial.stride(0), out.stride(0), out.stride(1), lse_arg.stride(0), num_qo_heads)
+            lse_partial.stride(0), out.stride(0), out.stride(1), lse_arg.stride(0))
 
     def launch(grid: int, prefix_block_m: int, persistent: bool, role: int):
         _packed_attn_partial_kernel[(grid, num_kv_heads) if persistent else (grid * num_kv_heads,)](
             *args, GQA=gqa, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
             PREFIX_BLOCK_M=prefix_block_m, SUFFIX_BLOCK_M=plan.suffix_block_m, BLOCK_N=block_n,
             DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16, PERSISTENT=persistent,
-            STORE_LSE=lse is not None, ROLE=role, HAS_KV_BASE=plan.kv_base is not None, FUSED_MERGE=fused,
+            STORE_LSE=lse is not None, ROLE=role, HAS_KV_BASE=plan.kv_base is not None,
             num_warps=num_warps or default_num_warps(prefix_block_m, head_dim), num_stages=num_stages,
         )
 
@@ -473,8 +377,6 @@ def run_packed_cascade(
     else:  # graphs: the pair, one of which finds the plan's items (ROLE in the kernel's docstring)
         launch(plan.num_programs, plan.prefix_block_m, True, 1)
         launch(plan.plain_num_programs, plan.suffix_block_m, True, 2)
-    if fused:
-        return
     if plan.num_programs is not None or plan.num_partials > plan.merge_indptr.numel() - 1:
         # graphs: any plan may split, and padding rows are zeroed here; eager: only if a request split
         merge_partials(o_partial, lse_partial, plan.merge_indptr, out, lse, skip_single=True)
@@ -495,7 +397,6 @@ def packed_cascade_attention(
     return_lse: bool = False,
     plan: PackedCascadePlan | None = None,
     kv_base: bool = False,
-    fused_merge: bool = True,
 ):
     """Decode attention over ``cat(group prefix, request suffix)`` for every request, reading each
     group's prefix once per tile of its requests (PackInfer, Sec. 4).
@@ -517,8 +418,6 @@ def packed_cascade_attention(
             reused across layers; planned here when ``None``.
         kv_base: when planning here, let chunks that are one run of consecutive slots be read by
             base + offset (issue 5's contiguous fast path).
-        fused_merge: when planning here, merge split requests inside the partial launch (else a
-            merge launch follows it).
 
     Returns:
         ``out``, or ``(out, lse)`` when ``return_lse``.
@@ -539,7 +438,7 @@ def packed_cascade_attention(
     if plan is None:
         plan = plan_packed_cascade(group_indptr, prefix_kv_indptr, prefix_kv_indices, suffix_kv_indptr,
                                    suffix_kv_indices, num_qo_heads, k_buffer.shape[1], head_dim=head_dim,
-                                   dtype=k_buffer.dtype, kv_base=kv_base, fused_merge=fused_merge)
+                                   dtype=k_buffer.dtype, kv_base=kv_base)
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(num_tokens, num_qo_heads, dtype=torch.float32, device=q.device) if return_lse else None
     run_packed_cascade(q, k_buffer, v_buffer, plan, sm_scale, out, lse)

@@ -26,8 +26,7 @@ class PackedCascadePlan(NamedTuple):
     :class:`StaticPlanBuffers` (CUDA graphs) has capacity-sized tensors and a fixed ``num_programs``.
     With ``kv_base`` (:func:`.kv_indices.item_kv_bases` of ``kv_indices``) the kernel reads an
     item whose chunk is one run of consecutive slots at ``base + offset``, without its slot ids;
-    ``None`` compiles that path out. With ``merge_counters`` requests split over several items are
-    merged inside the partial launch by the item that finishes last; the kernel leaves them 0.
+    ``None`` compiles that path out.
     """
 
     items: torch.Tensor  # [>= num_items, ITEM_FIELDS]: prefix items first, then suffix items
@@ -42,9 +41,6 @@ class PackedCascadePlan(NamedTuple):
     has_prefix: bool = True  # whether there are prefix items (static plans: whether there may be)
     plain_num_programs: int | None = None  # static plans: grid of the plain-decode launch (ROLE 2)
     kv_base: torch.Tensor | None = None  # [>= num_items] int32: an item's first slot if one run, else -1
-    # [>= num_tokens * num_qo_heads] int32, all 0 between launches: the in-launch merge's arrival
-    # counts (``_merge_if_last``); None: a merge launch follows the partial launch
-    merge_counters: torch.Tensor | None = None
 
 
 def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -80,11 +76,10 @@ def _host_table(work: WorkPlan, merge_len: int | None = None) -> np.ndarray:
 
 def make_plan(
     work: WorkPlan, kv_indices: torch.Tensor, gqa_group_size: int, prefix_block_m: int = PREFIX_BLOCK_M,
-    kv_base: bool = False, num_qo_heads: int | None = None,
+    kv_base: bool = False,
 ) -> PackedCascadePlan:
     """Copies a host :class:`WorkPlan` next to ``kv_indices`` (its device) as a :class:`PackedCascadePlan`
-    (one host-to-device copy); ``kv_base``: with the items' base slots (a few device ops);
-    ``num_qo_heads``: with zeroed ``merge_counters`` for the in-launch merge (one memset)."""
+    (one host-to-device copy); ``kv_base``: with the items' base slots (a few device ops)."""
     flat = host_to_device(torch.from_numpy(_host_table(work)), kv_indices.device)
     n_items, n_merge = len(work.prefix_items) + len(work.suffix_items), len(work.merge_indptr)
     items = flat[2 + n_merge :].view(n_items, ITEM_FIELDS)
@@ -95,8 +90,6 @@ def make_plan(
     return PackedCascadePlan(
         items, flat[:2], flat[2 : 2 + n_merge], kv_indices, n_items, work.num_partials, prefix_block_m,
         suffix_block_m_for(gqa_group_size), has_prefix=len(work.prefix_items) > 0, kv_base=bases,
-        merge_counters=None if num_qo_heads is None else torch.zeros(
-            max(1, (n_merge - 1) * num_qo_heads), dtype=torch.int32, device=kv_indices.device),
     )
 
 
@@ -109,12 +102,9 @@ class StaticPlanBuffers:
         max_items: capacity of the item table; plans must respect it (``plan_work(max_items=...)``).
         max_kv_tokens: capacity of ``kv_indices`` in slots.
         device: where the buffers live.
-        num_qo_heads: with it, zeroed counters for the kernel's in-launch merge (``max_tokens x
-            num_qo_heads`` int32), which plans written here then use; without, a merge launch.
     """
 
-    def __init__(self, max_tokens: int, max_items: int, max_kv_tokens: int, device: torch.device,
-                 num_qo_heads: int | None = None):
+    def __init__(self, max_tokens: int, max_items: int, max_kv_tokens: int, device: torch.device):
         self.max_tokens, self.max_items = max_tokens, max_items
         self.flat = torch.zeros(2 + max_tokens + 1 + max_items * ITEM_FIELDS, dtype=torch.int32, device=device)
         self.counts = self.flat[:2]
@@ -122,8 +112,6 @@ class StaticPlanBuffers:
         self.items = self.flat[3 + max_tokens :].view(max_items, ITEM_FIELDS)
         self.kv_indices = torch.zeros(max(1, max_kv_tokens), dtype=torch.int32, device=device)
         self.kv_base = torch.full((max(1, max_items),), -1, dtype=torch.int32, device=device)
-        self.merge_counters = None if num_qo_heads is None else torch.zeros(
-            max_tokens * num_qo_heads, dtype=torch.int32, device=device)
 
     def write(self, work: WorkPlan, gqa_group_size: int, num_programs: int, num_partials: int,
               prefix_block_m: int = PREFIX_BLOCK_M, plain_num_programs: int | None = None,
@@ -148,5 +136,4 @@ class StaticPlanBuffers:
                           self.items[:n_items, 3], bases)
         return PackedCascadePlan(self.items, self.counts, self.merge_indptr, self.kv_indices, n_items,
                                  num_partials, prefix_block_m, suffix_block_m_for(gqa_group_size), num_programs,
-                                 plain_num_programs=plain_num_programs, kv_base=bases,
-                                 merge_counters=self.merge_counters)
+                                 plain_num_programs=plain_num_programs, kv_base=bases)

@@ -81,8 +81,7 @@ class PackInferAttnBackend(TritonAttnBackend):
         q = torch.zeros(2, self.num_head, k_buffer[0].shape[-1], dtype=k_buffer[0].dtype, device=dev)
         for group_indptr, prefix_kv_indptr in ((i32(0, 1, 2), i32(0, 0, 0)), (i32(0, 2), i32(0, 1))):  # plain, shared
             packed_cascade_attention(q, k_buffer[0], v_buffer[0], group_indptr, prefix_kv_indptr, i32(0),
-                                     i32(0, 1, 2), i32(1, 2), 1.0, kv_base=self.config.kv_base,
-                                     fused_merge=self.config.fused_merge)
+                                     i32(0, 1, 2), i32(1, 2), 1.0, kv_base=self.config.kv_base)
         torch.cuda.synchronize(dev)
 
     # -- metadata -------------------------------------------------------------------------
@@ -99,7 +98,6 @@ class PackInferAttnBackend(TritonAttnBackend):
                 groups, forward_batch.seq_lens_cpu, forward_batch.req_pool_indices, self.req_to_token,
                 self.num_head, self.num_kv_head, self.num_sms, waves=self._occupancy(False),
                 plain_waves=self._occupancy(False, plain=True), kv_base=self.config.kv_base,
-                fused_merge=self.config.fused_merge,
             )
             self._host_us += (time.perf_counter() - start) * 1e6
             self._log_step(forward_batch.batch_size)
@@ -112,8 +110,7 @@ class PackInferAttnBackend(TritonAttnBackend):
         super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
         dev = torch.device(self.device)
         self._graph = GraphBuffers(max_num_tokens, self.max_context_len, self.num_kv_head, self.num_sms, dev,
-                                   waves=self._occupancy(True), plain_waves=self._occupancy(True, plain=True),
-                                   num_qo_heads=self.num_head if self.config.fused_merge else None)
+                                   waves=self._occupancy(True), plain_waves=self._occupancy(True, plain=True))
         if self.config.verify:
             self._graph_errs = torch.zeros(_MAX_LAYERS, dtype=torch.float32, device=dev)
             self._graph_rows = torch.zeros(max_num_tokens, 1, dtype=torch.float32, device=dev)
@@ -159,7 +156,7 @@ class PackInferAttnBackend(TritonAttnBackend):
             self._waves[key] = kernel_occupancy(
                 torch.device(self.device), pool.dtype, getattr(pool, "head_dim", self.v_head_dim), gqa,
                 prefix_block_m=suffix_block_m_for(gqa) if plain else PREFIX_BLOCK_M, persistent=persistent,
-                has_kv_base=self.config.kv_base, fused_merge=self.config.fused_merge)
+                has_kv_base=self.config.kv_base)
             logger.info("packinfer: kernel occupancy %d programs per SM (%s, %s tiles)", self._waves[key],
                         "CUDA graphs" if persistent else "eager", "plain-decode" if plain else "prefix")
         return self._waves[key]

@@ -21,7 +21,6 @@ environment variables reach every rank; ``packinfer serve`` sets them from its f
 | ``PACKINFER_COMPACT_PLACE`` | 1 | with compaction on, put decode tokens next to their request's tail |
 | ``PACKINFER_COMPACT_PLACE_EVERY`` | 8 | decode steps between placement refreshes (host reads) at most |
 | ``PACKINFER_KV_BASE`` | 0 | the kernel reads KV chunks that are one run of slots by base + offset |
-| ``PACKINFER_FUSED_MERGE`` | 1 | merge a request's partial states inside the attention launch (0: a merge launch after it) |
 | ``PACKINFER_FRAG_LOG_EVERY`` | 0 | decode steps between KV fragmentation log lines, compaction on or off (0: never) |
 
 The compaction cost rule is :mod:`packinfer_sglang.compaction_plan`'s docstring; the placement
@@ -60,7 +59,6 @@ class PackInferConfig:
     compact_place: bool = True
     compact_place_every: int = 8
     kv_base: bool = False
-    fused_merge: bool = True
     frag_log_every: int = 0
 
     def __post_init__(self):

@@ -66,20 +66,16 @@ class GraphBuffers:
     ``waves``: resident programs per multiprocessor (the persistent kernel's occupancy), so
     ``num_programs * num_kv_heads`` fills the GPU once. ``plain_waves``: the same for the kernel
     compiled for plain decode (suffix-height tiles); when given, graphs capture both launches and
-    steps without prefix items run on that one (``plain_num_programs``). ``num_qo_heads``: with it,
-    split requests are merged inside the captured launches (counters of
-    :class:`StaticPlanBuffers`); without, each layer's graph holds a merge launch too.
+    steps without prefix items run on that one (``plain_num_programs``).
     """
 
     PARTIALS_PER_REQUEST = 16
 
     def __init__(self, max_bs: int, max_context_len: int, num_kv_heads: int, num_sms: int,
-                 device: torch.device, waves: int = 2, plain_waves: int | None = None,
-                 num_qo_heads: int | None = None):
+                 device: torch.device, waves: int = 2, plain_waves: int | None = None):
         self.max_bs, self.waves, self.plain_waves = max_bs, waves, plain_waves
         most = max(waves, plain_waves or 0)
-        self.plan = StaticPlanBuffers(max_bs, 8 * (max_bs + num_sms * most), max_bs * max_context_len, device,
-                                      num_qo_heads=num_qo_heads)
+        self.plan = StaticPlanBuffers(max_bs, 8 * (max_bs + num_sms * most), max_bs * max_context_len, device)
         self.perm = torch.arange(max_bs, dtype=torch.int64, device=device)
         self.num_programs = max(1, num_sms * waves // num_kv_heads)
         self.plain_num_programs = None if plain_waves is None else max(1, num_sms * plain_waves // num_kv_heads)
@@ -117,7 +113,6 @@ def build_decode_step(
     waves: int = 2,
     plain_waves: int | None = None,
     kv_base: bool = False,
-    fused_merge: bool = True,
 ) -> DecodeStep:
     """Builds a step's plan.
 
@@ -136,8 +131,6 @@ def build_decode_step(
         kv_base: mark the items whose KV chunk is one run of consecutive slots, which the kernel then
             reads by base + offset (:func:`~.kernels.kv_indices.item_kv_bases`; a few device ops after
             the gather). Graph buffers must be written with the same setting every step.
-        fused_merge: eager steps merge split requests inside the partial launch (graph steps do
-            when ``graph`` was built with ``num_qo_heads``).
 
     Raises:
         ValueError: when the batch exceeds the graph buffers' capacity.
@@ -167,8 +160,7 @@ def build_decode_step(
                      waves=plain_waves if plain else waves, kv_align=BLOCK_N, **limits)
     if graph is None:
         perm = None if groups.is_identity else _to_device(groups.order, dev)
-        plan = make_plan(work, kv_indices, gqa, kv_base=kv_base, num_qo_heads=num_qo_heads if fused_merge else None)
-        return DecodeStep(plan, perm, groups)
+        return DecodeStep(make_plan(work, kv_indices, gqa, kv_base=kv_base), perm, groups)
     plan = graph.plan.write(work, gqa, graph.num_programs, graph.num_partials(padded_bs),
                             plain_num_programs=graph.plain_num_programs,
                             num_kv_tokens=int(seg[-1]) if kv_base else None)

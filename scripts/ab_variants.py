@@ -7,9 +7,7 @@ longest-first suffix items), flat and persistent launches. ``--study tiles``: pl
 and a few warps / stages / block_n / no-split variants. ``--study prefix``: the cases with groups of
 many prefix row blocks (the 2x-floor misses of issue 4) and a few anchors, with 64- and 128-row
 prefix tiles, warps, stages, block_n and prefix chunks doubled (fewer partials); each row also
-times the merge launch alone on the same plan. ``--study merge``: the in-launch merge (the
-request's last item merges its partials) against the separate merge launch, on the anchors,
-the misses and the no-sharing cases. Every variant is checked against the fp32
+times the merge launch alone on the same plan. Every variant is checked against the fp32
 oracle, then timed like ``bench_kernel.py`` (CUDA-graph replay median, L2 warm); baselines are not
 re-timed (compare with the grid of the same GPU). Writes ``ab_<study>.json`` under ``--out-dir``.
 
@@ -56,26 +54,16 @@ PREFIX_VARIANTS = [
 ]
 
 
-MERGE_CASES = ("B64_P4096_S256,B16_P2048_S512,B128_P1024_S128,B32_P8192_S1024,B8_P512_S64,B256_P2048_S256,"
-               "B64_P16384_S256,B64_P4096_S32,B64_P4096_S256_llama3-70b-tp8,B64_P4096_S256_qwen2.5-7b,"
-               "B256_P0_S1024,B128_P0_S2048_het,B64_P4096_S256_het")
-MERGE_VARIANTS = [{"fused": True}, {"fused": False}]
-
-
 def time_variant(kern, inp, ref, tol, *, pbm=64, w=4, st=3, n=64, nosplit=False, pmult=1, persistent=False,
-                 merge=False, fused=False, plain_tiles=False) -> dict:
-    """Plans and runs ours with the given launch (``pbm``: the kernel's ``PREFIX_BLOCK_M``;
-    ``fused``: the in-launch merge; ``plain_tiles``: plans without prefix items keep the suffix tiles
-    ``plan_packed_cascade`` gives them, as in serving)."""
-    from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of, suffix_block_m_for
+                 merge=False) -> dict:
+    """Plans and runs ours with the given launch (``pbm``: the kernel's ``PREFIX_BLOCK_M``)."""
+    from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of
     dev, num_kv_heads = inp.q.device, inp.k_buffer.shape[1]
     launch = {"block_n": n, "num_warps": w, "num_stages": st}
-    plain = plain_tiles and int(inp[4][-1]) == 0
-    gqa = inp.q.shape[1] // num_kv_heads
-    occ = kernel_occupancy(dev, inp.k_buffer.dtype, inp.q.shape[2], gqa,
-                           prefix_block_m=suffix_block_m_for(gqa) if plain else pbm, persistent=persistent, fused_merge=fused, **launch)
+    occ = kernel_occupancy(dev, inp.k_buffer.dtype, inp.q.shape[2], inp.q.shape[1] // num_kv_heads,
+                           prefix_block_m=pbm, persistent=persistent, **launch)
     plan = kern.plan_packed_cascade(*inp[3:8], inp.q.shape[1], num_kv_heads, waves=occ, prefix_block_m=pbm,
-                                    kv_align=n, fused_merge=fused, **({"suffix_chunk": 1 << 20} if nosplit else {}))
+                                    kv_align=n, **({"suffix_chunk": 1 << 20} if nosplit else {}))
     if pmult != 1 and plan.has_prefix:  # the same plan with prefix chunks pmult times longer
         from packinfer_sglang.kernels.plan import plan_work
         args = [a.cpu().numpy() for a in (inp[3], inp[4], inp[6])]
@@ -83,12 +71,10 @@ def time_variant(kern, inp, ref, tol, *, pbm=64, w=4, st=3, n=64, nosplit=False,
                          prefix_block_m=pbm, num_sms=num_sms_of(dev), waves=occ, kv_align=n)
         plan = kern.plan_packed_cascade(*inp[3:8], inp.q.shape[1], num_kv_heads, waves=occ, prefix_block_m=pbm,
                                         kv_align=n, prefix_chunk=pmult * auto.prefix_chunk,
-                                        suffix_chunk=auto.suffix_chunk, fused_merge=fused)
+                                        suffix_chunk=auto.suffix_chunk)
     if persistent:
         plan = plan._replace(num_programs=max(1, num_sms_of(dev) * occ // num_kv_heads))
-        if plain:
-            plan = plan._replace(prefix_block_m=plan.suffix_block_m)
-    elif not plain:  # plan_packed_cascade launches plain plans with suffix tiles; force the asked-for tile
+    else:  # plan_packed_cascade launches plain plans with suffix tiles; force the asked-for tile
         plan = plan._replace(has_prefix=True, prefix_block_m=pbm)
     out = torch.full_like(inp.q, float("nan"))
 
@@ -110,7 +96,7 @@ def time_variant(kern, inp, ref, tol, *, pbm=64, w=4, st=3, n=64, nosplit=False,
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--study", choices=("order", "tiles", "prefix", "merge"), required=True)
+    p.add_argument("--study", choices=("order", "tiles", "prefix"), required=True)
     p.add_argument("--cases", help="comma-separated exact case names of the full grid")
     p.add_argument("--variants", help="comma-separated indices into the study's variant list (default: all)")
     p.add_argument("--out-dir", type=Path, default=Path("out/ab"))
@@ -123,14 +109,13 @@ def main(argv=None) -> int:
               "no_chunk_major": (keep, planner._longest_first),
               "no_longest_first": (planner._chunk_major, keep), "neither": (keep, keep)}
     rows = []
-    default_cases = {"order": ORDER_CASES, "tiles": TILE_CASES, "prefix": PREFIX_CASES,
-                     "merge": MERGE_CASES}[args.study]
+    default_cases = {"order": ORDER_CASES, "tiles": TILE_CASES, "prefix": PREFIX_CASES}[args.study]
     for name in (args.cases or default_cases).split(","):
         inp = kc.make_inputs(by_name[name], dev)
         ref = kern.reference.packed_cascade_attention_ref(*inp.cascade_args())[0]
         tol = bk.TOLERANCE[by_name[name].dtype]
         variants = {"order": [{"order": o} for o in orders], "tiles": TILE_VARIANTS,
-                    "prefix": PREFIX_VARIANTS, "merge": MERGE_VARIANTS}[args.study]
+                    "prefix": PREFIX_VARIANTS}[args.study]
         if args.variants:
             variants = [variants[int(i)] for i in args.variants.split(",")]
         for var in variants:
@@ -138,14 +123,12 @@ def main(argv=None) -> int:
                 if args.study == "order":
                     planner._chunk_major, planner._longest_first = orders[var["order"]]
                     r = time_variant(kern, inp, ref, tol, persistent=persistent)
-                elif args.study == "merge":
-                    r = time_variant(kern, inp, ref, tol, persistent=persistent, plain_tiles=True, **var)
                 else:
                     r = time_variant(kern, inp, ref, tol, persistent=persistent, merge=args.study == "prefix", **var)
                 rows.append({"case": name, **var, "persistent": persistent, **r})
         planner._chunk_major, planner._longest_first = orders["both"]
         mine = [r for r in rows if r["case"] == name]
-        print(name, " ".join(f"{'/'.join(str(v) for k, v in r.items() if k in ('order', 'pbm', 'w', 'st', 'n', 'fused'))}"
+        print(name, " ".join(f"{'/'.join(str(v) for k, v in r.items() if k in ('order', 'pbm', 'w', 'st', 'n'))}"
                              f"{'/ns' if r.get('nosplit') else ''}{'/x2' if r.get('pmult', 1) != 1 else ''}{'P' if r['persistent'] else 'F'}:"
                              f"{r['us'] or float('nan'):.1f}" for r in mine), flush=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
