@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .checks import check_cascade_inputs
-from .merge import merge_partials
+from .merge import MERGE_BLOCK_P, merge_partials
 from .plan import plan_work
 from .plan_tensors import (  # noqa: F401 -- re-exported: the plan types belong to this kernel's API
     PREFIX_BLOCK_M,
@@ -341,12 +341,14 @@ def run_packed_cascade(
     block_n: int = BLOCK_N,
     num_warps: int | None = None,
     num_stages: int = NUM_STAGES,
+    merge_block_p: int = MERGE_BLOCK_P,
 ) -> None:
     """Runs a planned step for one layer, writing ``out`` (and ``lse``) in place. Inputs unchecked:
     :func:`packed_cascade_attention` validates them. Rows of ``out`` past the plan's requests (padding
     of a CUDA-graph batch) are written with zeros. Allocates no host memory and never synchronizes,
     so it can be captured in a CUDA graph. ``block_n`` (KV tokens per inner step), ``num_warps``
-    (default: 4 for tiles up to 64 x 128, else 8) and ``num_stages`` are launch tuning only."""
+    (default: 4 for tiles up to 64 x 128, else 8), ``num_stages`` and ``merge_block_p`` (partials
+    a merge program loads at once) are launch tuning only."""
     _, num_qo_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
     gqa = num_qo_heads // num_kv_heads
@@ -379,7 +381,7 @@ def run_packed_cascade(
         launch(plan.plain_num_programs, plan.suffix_block_m, True, 2)
     if plan.num_programs is not None or plan.num_partials > plan.merge_indptr.numel() - 1:
         # graphs: any plan may split, and padding rows are zeroed here; eager: only if a request split
-        merge_partials(o_partial, lse_partial, plan.merge_indptr, out, lse, skip_single=True)
+        merge_partials(o_partial, lse_partial, plan.merge_indptr, out, lse, skip_single=True, block_p=merge_block_p)
 
 
 def packed_cascade_attention(

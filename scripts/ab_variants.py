@@ -7,7 +7,9 @@ longest-first suffix items), flat and persistent launches. ``--study tiles``: pl
 and a few warps / stages / block_n / no-split variants. ``--study prefix``: the cases with groups of
 many prefix row blocks (the 2x-floor misses of issue 4) and a few anchors, with 64- and 128-row
 prefix tiles, warps, stages, block_n and prefix chunks doubled (fewer partials); each row also
-times the merge launch alone on the same plan. Every variant is checked against the fp32
+times the merge launch alone on the same plan. ``--study merge``: the merge launch loading 1, 4, 8
+or 16 of a row's partials at once (``merge_block_p``), on the anchors, the misses and the
+no-sharing cases, with the merge launch timed alone too. Every variant is checked against the fp32
 oracle, then timed like ``bench_kernel.py`` (CUDA-graph replay median, L2 warm); baselines are not
 re-timed (compare with the grid of the same GPU). Writes ``ab_<study>.json`` under ``--out-dir``.
 
@@ -54,14 +56,21 @@ PREFIX_VARIANTS = [
 ]
 
 
+MERGE_CASES = ("B64_P4096_S256,B16_P2048_S512,B128_P1024_S128,B32_P8192_S1024,B8_P512_S64,B256_P2048_S256,"
+               "B64_P16384_S256,B64_P4096_S32,B64_P4096_S256_llama3-70b-tp8,B64_P4096_S256_qwen2.5-7b,"
+               "B256_P0_S1024,B128_P0_S2048_het,B64_P4096_S256_het")
+MERGE_VARIANTS = [{"bp": 1}, {"bp": 4}, {"bp": 8}, {"bp": 16}]
+
+
 def time_variant(kern, inp, ref, tol, *, pbm=64, w=4, st=3, n=64, nosplit=False, pmult=1, persistent=False,
-                 merge=False) -> dict:
-    """Plans and runs ours with the given launch (``pbm``: the kernel's ``PREFIX_BLOCK_M``)."""
+                 merge=False, bp=1) -> dict:
+    """Plans and runs ours with the given launch (``pbm``: the kernel's ``PREFIX_BLOCK_M``; ``bp``:
+    partials a merge program loads at once, 1 as before the blocked merge)."""
     from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of
     dev, num_kv_heads = inp.q.device, inp.k_buffer.shape[1]
-    launch = {"block_n": n, "num_warps": w, "num_stages": st}
+    launch = {"block_n": n, "num_warps": w, "num_stages": st, "merge_block_p": bp}
     occ = kernel_occupancy(dev, inp.k_buffer.dtype, inp.q.shape[2], inp.q.shape[1] // num_kv_heads,
-                           prefix_block_m=pbm, persistent=persistent, **launch)
+                           prefix_block_m=pbm, persistent=persistent, block_n=n, num_warps=w, num_stages=st)
     plan = kern.plan_packed_cascade(*inp[3:8], inp.q.shape[1], num_kv_heads, waves=occ, prefix_block_m=pbm,
                                     kv_align=n, **({"suffix_chunk": 1 << 20} if nosplit else {}))
     if pmult != 1 and plan.has_prefix:  # the same plan with prefix chunks pmult times longer
@@ -90,13 +99,13 @@ def time_variant(kern, inp, ref, tol, *, pbm=64, w=4, st=3, n=64, nosplit=False,
         o_p = torch.zeros(plan.num_partials, hq, d, dtype=torch.float32, device=dev)
         lse_p = torch.zeros(plan.num_partials, hq, dtype=torch.float32, device=dev)
         row["merge_us"] = bk.time_us(lambda: merge_partials(o_p, lse_p, plan.merge_indptr, out, None,
-                                                            skip_single=True), 5.0)
+                                                            skip_single=True, block_p=bp), 5.0)
     return row
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--study", choices=("order", "tiles", "prefix"), required=True)
+    p.add_argument("--study", choices=("order", "tiles", "prefix", "merge"), required=True)
     p.add_argument("--cases", help="comma-separated exact case names of the full grid")
     p.add_argument("--variants", help="comma-separated indices into the study's variant list (default: all)")
     p.add_argument("--out-dir", type=Path, default=Path("out/ab"))
@@ -109,13 +118,14 @@ def main(argv=None) -> int:
               "no_chunk_major": (keep, planner._longest_first),
               "no_longest_first": (planner._chunk_major, keep), "neither": (keep, keep)}
     rows = []
-    default_cases = {"order": ORDER_CASES, "tiles": TILE_CASES, "prefix": PREFIX_CASES}[args.study]
+    default_cases = {"order": ORDER_CASES, "tiles": TILE_CASES, "prefix": PREFIX_CASES,
+                     "merge": MERGE_CASES}[args.study]
     for name in (args.cases or default_cases).split(","):
         inp = kc.make_inputs(by_name[name], dev)
         ref = kern.reference.packed_cascade_attention_ref(*inp.cascade_args())[0]
         tol = bk.TOLERANCE[by_name[name].dtype]
         variants = {"order": [{"order": o} for o in orders], "tiles": TILE_VARIANTS,
-                    "prefix": PREFIX_VARIANTS}[args.study]
+                    "prefix": PREFIX_VARIANTS, "merge": MERGE_VARIANTS}[args.study]
         if args.variants:
             variants = [variants[int(i)] for i in args.variants.split(",")]
         for var in variants:
@@ -124,11 +134,13 @@ def main(argv=None) -> int:
                     planner._chunk_major, planner._longest_first = orders[var["order"]]
                     r = time_variant(kern, inp, ref, tol, persistent=persistent)
                 else:
-                    r = time_variant(kern, inp, ref, tol, persistent=persistent, merge=args.study == "prefix", **var)
+                    plain = {"pbm": 16} if args.study == "merge" and by_name[name].prefix_len == 0 else {}  # serving's tiles
+                    r = time_variant(kern, inp, ref, tol, persistent=persistent,
+                                     merge=args.study in ("prefix", "merge"), **var, **plain)
                 rows.append({"case": name, **var, "persistent": persistent, **r})
         planner._chunk_major, planner._longest_first = orders["both"]
         mine = [r for r in rows if r["case"] == name]
-        print(name, " ".join(f"{'/'.join(str(v) for k, v in r.items() if k in ('order', 'pbm', 'w', 'st', 'n'))}"
+        print(name, " ".join(f"{'/'.join(str(v) for k, v in r.items() if k in ('order', 'pbm', 'w', 'st', 'n', 'bp'))}"
                              f"{'/ns' if r.get('nosplit') else ''}{'/x2' if r.get('pmult', 1) != 1 else ''}{'P' if r['persistent'] else 'F'}:"
                              f"{r['us'] or float('nan'):.1f}" for r in mine), flush=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
