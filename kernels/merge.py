@@ -61,7 +61,7 @@ def _merge_partials_kernel(
         tl.store(LSE_Out + tok * stride_lt + head, (m_i + tl.log2(s_i)) * 0.6931471805599453)
 
 
-MERGE_BLOCK_P = 8  # partials loaded per step of a row's merge
+MERGE_BLOCK_P = 1  # partials loaded per step of a row's merge (1 was fastest on the H200: ab_merge_block_h200.json)
 
 
 def merge_partials(
