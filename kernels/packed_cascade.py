@@ -41,6 +41,23 @@ from .plan_tensors import (  # noqa: F401 -- re-exported: the plan types belong 
 
 BLOCK_N = 64
 NUM_STAGES = 3  # software-pipelined KV loads; 2 ran 25-30% slower on H100 (benchmarks/NOTES.md)
+# Plain-decode launches (suffix-height tiles, plans without prefix items): (BLOCK_N, num_stages) by
+# GPU name. On the H200, 128-token blocks in 2 stages ran 4-13% faster than 64 in 3 on five plain
+# cases, flat and persistent, in one run (benchmarks/results/ab_tiles_plain_h200.json); not
+# measured on other GPUs, which keep the prefix launch's.
+PLAIN_LAUNCH_BY_GPU = {"H200": (128, 2)}
+
+
+@functools.cache
+def plain_launch(device: torch.device) -> tuple[int, int]:
+    """``(block_n, num_stages)`` of plain-decode launches on ``device`` (:data:`PLAIN_LAUNCH_BY_GPU`;
+    ``(BLOCK_N, NUM_STAGES)`` for other GPUs and off CUDA)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, launch in PLAIN_LAUNCH_BY_GPU.items():
+            if key in name:
+                return launch
+    return BLOCK_N, NUM_STAGES
 
 
 @triton.jit
@@ -262,14 +279,19 @@ def default_num_warps(prefix_block_m: int, head_dim: int) -> int:
 @functools.cache
 def kernel_occupancy(
     device: torch.device, dtype: torch.dtype, head_dim: int, gqa_group_size: int, *,
-    prefix_block_m: int = PREFIX_BLOCK_M, block_n: int = BLOCK_N, num_warps: int | None = None,
-    num_stages: int = NUM_STAGES, persistent: bool = False, has_kv_base: bool = False,
+    prefix_block_m: int = PREFIX_BLOCK_M, block_n: int | None = None, num_warps: int | None = None,
+    num_stages: int | None = None, persistent: bool = False, has_kv_base: bool = False, plain: bool = False,
 ) -> int:
     """Programs of the partial kernel resident at once on one multiprocessor (registers, shared
     memory, threads), from the compiled kernel for this configuration (compiled here if needed);
-    2 off CUDA. The planner balances items over ``num_sms * occupancy`` program slots."""
+    2 off CUDA. The planner balances items over ``num_sms * occupancy`` program slots. ``plain``:
+    the plain-decode launch (suffix-height tiles and :func:`plain_launch`'s defaults)."""
     if device.type != "cuda":
         return 2
+    if plain:
+        prefix_block_m = suffix_block_m_for(gqa_group_size)
+    default_n, default_stages = plain_launch(device) if plain else (BLOCK_N, NUM_STAGES)
+    block_n, num_stages = block_n or default_n, num_stages or default_stages
     num_warps = num_warps or default_num_warps(prefix_block_m, head_dim)
     q = torch.zeros(16, gqa_group_size, head_dim, dtype=dtype, device=device)
     kv = torch.zeros(16, 1, head_dim, dtype=dtype, device=device)
@@ -315,11 +337,11 @@ def plan_packed_cascade(
     gqa = num_qo_heads // num_kv_heads
     device = prefix_kv_indices.device
     plan_kwargs.setdefault("num_sms", num_sms_of(device))
+    plain = int(prefix_kv_indptr[-1]) == 0  # launched with the plain-decode tiles
     if "waves" not in plan_kwargs and head_dim is not None and dtype is not None:
-        tile = prefix_block_m if int(prefix_kv_indptr[-1]) > 0 else suffix_block_m_for(gqa)  # the launch's
-        plan_kwargs["waves"] = kernel_occupancy(device, dtype, head_dim, gqa, prefix_block_m=tile,
-                                                has_kv_base=kv_base)
-    plan_kwargs.setdefault("kv_align", BLOCK_N)
+        plan_kwargs["waves"] = kernel_occupancy(device, dtype, head_dim, gqa, prefix_block_m=prefix_block_m,
+                                                has_kv_base=kv_base, plain=plain)
+    plan_kwargs.setdefault("kv_align", plain_launch(device)[0] if plain else BLOCK_N)
     work = plan_work(
         group_indptr.cpu().numpy(), prefix_kv_indptr.cpu().numpy(), suffix_kv_indptr.cpu().numpy(),
         gqa_group_size=gqa, num_kv_heads=num_kv_heads, prefix_block_m=prefix_block_m, **plan_kwargs,
@@ -338,17 +360,18 @@ def run_packed_cascade(
     out: torch.Tensor,
     lse: torch.Tensor | None = None,
     *,
-    block_n: int = BLOCK_N,
+    block_n: int | None = None,
     num_warps: int | None = None,
-    num_stages: int = NUM_STAGES,
+    num_stages: int | None = None,
     merge_block_p: int = MERGE_BLOCK_P,
 ) -> None:
     """Runs a planned step for one layer, writing ``out`` (and ``lse``) in place. Inputs unchecked:
     :func:`packed_cascade_attention` validates them. Rows of ``out`` past the plan's requests (padding
     of a CUDA-graph batch) are written with zeros. Allocates no host memory and never synchronizes,
-    so it can be captured in a CUDA graph. ``block_n`` (KV tokens per inner step), ``num_warps``
-    (default: 4 for tiles up to 64 x 128, else 8), ``num_stages`` and ``merge_block_p`` (partials
-    a merge program loads at once) are launch tuning only."""
+    so it can be captured in a CUDA graph. ``block_n`` (KV tokens per inner step; default
+    :data:`BLOCK_N`, and :func:`plain_launch`'s for the plain-decode launch), ``num_warps`` (default:
+    4 for tiles up to 64 x 128, else 8), ``num_stages`` (default as ``block_n``) and
+    ``merge_block_p`` (partials a merge program loads at once) are launch tuning only."""
     _, num_qo_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
     gqa = num_qo_heads // num_kv_heads
@@ -362,23 +385,30 @@ def run_packed_cascade(
             v_buffer.stride(0), v_buffer.stride(1), o_partial.stride(0), o_partial.stride(1),
             lse_partial.stride(0), out.stride(0), out.stride(1), lse_arg.stride(0))
 
-    def launch(grid: int, prefix_block_m: int, persistent: bool, role: int):
+    plain_n, plain_stages = plain_launch(q.device)
+
+    def launch(grid: int, prefix_block_m: int, persistent: bool, role: int, plain: bool):
         _packed_attn_partial_kernel[(grid, num_kv_heads) if persistent else (grid * num_kv_heads,)](
             *args, GQA=gqa, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-            PREFIX_BLOCK_M=prefix_block_m, SUFFIX_BLOCK_M=plan.suffix_block_m, BLOCK_N=block_n,
+            PREFIX_BLOCK_M=prefix_block_m, SUFFIX_BLOCK_M=plan.suffix_block_m,
+            BLOCK_N=block_n or (plain_n if plain else BLOCK_N),
             DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16, PERSISTENT=persistent,
             STORE_LSE=lse is not None, ROLE=role, HAS_KV_BASE=plan.kv_base is not None,
-            num_warps=num_warps or default_num_warps(prefix_block_m, head_dim), num_stages=num_stages,
+            num_warps=num_warps or default_num_warps(prefix_block_m, head_dim),
+            num_stages=num_stages or (plain_stages if plain else NUM_STAGES),
         )
 
     if plan.num_programs is None:  # eager: one program per item; plain decode gets the lighter tiles
         if plan.num_items:
-            launch(plan.num_items, plan.prefix_block_m if plan.has_prefix else plan.suffix_block_m, False, 0)
+            if plan.has_prefix:
+                launch(plan.num_items, plan.prefix_block_m, False, 0, False)
+            else:
+                launch(plan.num_items, plan.suffix_block_m, False, 0, True)
     elif plan.plain_num_programs is None:
-        launch(plan.num_programs, plan.prefix_block_m, True, 0)
+        launch(plan.num_programs, plan.prefix_block_m, True, 0, False)
     else:  # graphs: the pair, one of which finds the plan's items (ROLE in the kernel's docstring)
-        launch(plan.num_programs, plan.prefix_block_m, True, 1)
-        launch(plan.plain_num_programs, plan.suffix_block_m, True, 2)
+        launch(plan.num_programs, plan.prefix_block_m, True, 1, False)
+        launch(plan.plain_num_programs, plan.suffix_block_m, True, 2, True)
     if plan.num_programs is not None or plan.num_partials > plan.merge_indptr.numel() - 1:
         # graphs: any plan may split, and padding rows are zeroed here; eager: only if a request split
         merge_partials(o_partial, lse_partial, plan.merge_indptr, out, lse, skip_single=True, block_p=merge_block_p)

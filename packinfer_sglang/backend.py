@@ -34,7 +34,6 @@ from .kernels.packed_cascade import (
     kernel_occupancy,
     num_sms_of,
     packed_cascade_attention,
-    suffix_block_m_for,
 )
 from .radix_cache import current_cache
 
@@ -155,8 +154,8 @@ class PackInferAttnBackend(TritonAttnBackend):
             pool, gqa = self.token_to_kv_pool, self.num_head // self.num_kv_head
             self._waves[key] = kernel_occupancy(
                 torch.device(self.device), pool.dtype, getattr(pool, "head_dim", self.v_head_dim), gqa,
-                prefix_block_m=suffix_block_m_for(gqa) if plain else PREFIX_BLOCK_M, persistent=persistent,
-                has_kv_base=self.config.kv_base)
+                prefix_block_m=PREFIX_BLOCK_M, persistent=persistent, has_kv_base=self.config.kv_base,
+                plain=plain)
             logger.info("packinfer: kernel occupancy %d programs per SM (%s, %s tiles)", self._waves[key],
                         "CUDA graphs" if persistent else "eager", "plain-decode" if plain else "prefix")
         return self._waves[key]

@@ -40,6 +40,9 @@ TILE_VARIANTS = [
     {"pbm": 16, "w": 4, "st": 4, "n": 64}, {"pbm": 16, "w": 4, "st": 3, "n": 128},
     {"pbm": 16, "w": 4, "st": 4, "n": 32}, {"pbm": 64, "w": 4, "st": 3, "n": 64, "nosplit": True},
     {"pbm": 16, "w": 4, "st": 3, "n": 64, "nosplit": True},
+    # 9-11: the H200 sweep's best for B256_P0_S1024 (259 us: 128-token blocks, 2 stages, 64-row tile)
+    {"pbm": 64, "w": 4, "st": 2, "n": 128}, {"pbm": 16, "w": 4, "st": 2, "n": 128},
+    {"pbm": 16, "w": 4, "st": 2, "n": 128, "nosplit": True},
 ]
 
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 from conftest import DEVICE, HAS_CUDA, TOL, gpu, rel_err
-from packinfer_sglang.kernels import packed_cascade_attention, plan_packed_cascade
+from packinfer_sglang.kernels import packed_cascade_attention, plan_packed_cascade, run_packed_cascade
+from packinfer_sglang.kernels.packed_cascade import BLOCK_N, NUM_STAGES, PLAIN_LAUNCH_BY_GPU, plain_launch
 from packinfer_sglang.kernels.reference import packed_cascade_attention_ref
 
 
@@ -99,3 +100,24 @@ def test_gpu_many_groups_odd_lengths():
     prefix = torch.randint(0, 3000, (17,), generator=g).tolist()
     suffix = torch.randint(1, 600, (sum(sizes),), generator=g).tolist()
     check(make_batch(sizes, prefix, suffix, 32, 8, 128, torch.bfloat16), torch.bfloat16)
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["flat", "persistent"])
+def test_plain_decode_with_h200_launch(persistent):
+    """Plain decode (no prefix items) with the H200's plain-decode launch (128-token blocks, 2
+    stages; :data:`PLAIN_LAUNCH_BY_GPU`), chunks aligned to it, suffixes of odd lengths."""
+    block_n, stages = PLAIN_LAUNCH_BY_GPU["H200"]
+    args = make_batch([1] * 5, [0] * 5, [1, 129, 300, 127, 517], 8, 2, 64, torch.float16)
+    q, k, v = args[:3]
+    plan = plan_packed_cascade(*args[3:], 8, 2, kv_align=block_n, suffix_chunk=256)
+    assert not plan.has_prefix and plan.num_partials > 5
+    if persistent:
+        plan = plan._replace(num_programs=3)
+    out = torch.full_like(q, float("nan"))
+    run_packed_cascade(q, k, v, plan, 64 ** -0.5, out, block_n=block_n, num_stages=stages)
+    assert rel_err(out, packed_cascade_attention_ref(*args, 64 ** -0.5)[0]) < TOL[torch.float16]
+
+
+def test_plain_launch_defaults_off_the_listed_gpus():
+    assert plain_launch(torch.device("cpu")) == (BLOCK_N, NUM_STAGES)
+    assert PLAIN_LAUNCH_BY_GPU["H200"] == (128, 2)
