@@ -42,7 +42,7 @@ from .plan_tensors import (  # noqa: F401 -- re-exported: the plan types belong 
 BLOCK_N = 64
 NUM_STAGES = 3  # software-pipelined KV loads; 2 ran 25-30% slower on H100 (benchmarks/NOTES.md)
 # Plain-decode launches (suffix-height tiles, plans without prefix items): (BLOCK_N, num_stages) by
-# GPU name. On the H200, 128-token blocks in 2 stages ran 4-13% faster than 64 in 3 on five plain
+# GPU name. On the H200, 128-token blocks in 2 stages ran 2-13% faster than 64 in 3 on five plain
 # cases, flat and persistent, in one run (benchmarks/results/ab_tiles_plain_h200.json); not
 # measured on other GPUs, which keep the prefix launch's.
 PLAIN_LAUNCH_BY_GPU = {"H200": (128, 2)}

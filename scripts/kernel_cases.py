@@ -208,9 +208,14 @@ def attn_flops(case: Case) -> int:
     return 4 * case.num_qo_heads * case.head_dim * context
 
 
+def floor_from(nbytes: float, flops: float, bandwidth: float, matmul_rate: float) -> float:
+    """``max(nbytes / bandwidth, flops / matmul_rate)`` in microseconds (rates in B/s and FLOP/s)."""
+    return max(nbytes / bandwidth, flops / matmul_rate) * 1e6
+
+
 def floor_us(case: Case, bandwidth: float, matmul_rate: float) -> float:
-    """``max(bytes_min / bandwidth, flops / matmul_rate)`` in microseconds (rates in B/s and FLOP/s)."""
-    return max(min_bytes(case) / bandwidth, attn_flops(case) / matmul_rate) * 1e6
+    """:func:`floor_from` of the case's ``bytes_min`` and FLOPs."""
+    return floor_from(min_bytes(case), attn_flops(case), bandwidth, matmul_rate)
 
 
 class CaseInputs(NamedTuple):

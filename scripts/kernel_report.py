@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from kernel_baselines import BASELINE_BUILDERS
+from kernel_cases import floor_from
 
 BASELINES = tuple(BASELINE_BUILDERS)
 IMPLS = ("ours", *BASELINES)
@@ -74,7 +75,7 @@ def raise_floor_to_achieved(meta: dict, rows: list[dict]) -> float | None:
     meta.setdefault("bandwidth_probe", meta["bandwidth"])
     meta["bandwidth"] = achieved
     for row in rows:
-        row["floor_us"] = max(row["min_bytes"] / achieved, row["flops"] / meta["matmul_rate"]) * 1e6
+        row["floor_us"] = floor_from(row["min_bytes"], row["flops"], achieved, meta["matmul_rate"])
         summarize_row(row)
     return achieved
 
