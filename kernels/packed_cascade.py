@@ -337,17 +337,16 @@ def plan_packed_cascade(
     gqa = num_qo_heads // num_kv_heads
     device = prefix_kv_indices.device
     plan_kwargs.setdefault("num_sms", num_sms_of(device))
-    plain = int(prefix_kv_indptr[-1]) == 0  # launched with the plain-decode tiles
+    group_host, prefix_host, suffix_host = (a.cpu().numpy() for a in (group_indptr, prefix_kv_indptr, suffix_kv_indptr))
+    plain = int(prefix_host[-1]) == 0  # launched with the plain-decode tiles
     if "waves" not in plan_kwargs and head_dim is not None and dtype is not None:
         plan_kwargs["waves"] = kernel_occupancy(device, dtype, head_dim, gqa, prefix_block_m=prefix_block_m,
                                                 has_kv_base=kv_base, plain=plain)
     plan_kwargs.setdefault("kv_align", plain_launch(device)[0] if plain else BLOCK_N)
-    work = plan_work(
-        group_indptr.cpu().numpy(), prefix_kv_indptr.cpu().numpy(), suffix_kv_indptr.cpu().numpy(),
-        gqa_group_size=gqa, num_kv_heads=num_kv_heads, prefix_block_m=prefix_block_m, **plan_kwargs,
-    )
-    kv_indices = torch.cat([prefix_kv_indices[: int(prefix_kv_indptr[-1])],
-                            suffix_kv_indices[: int(suffix_kv_indptr[-1])]]).to(torch.int32)
+    work = plan_work(group_host, prefix_host, suffix_host, gqa_group_size=gqa, num_kv_heads=num_kv_heads,
+                     prefix_block_m=prefix_block_m, **plan_kwargs)
+    kv_indices = torch.cat([prefix_kv_indices[: int(prefix_host[-1])],
+                            suffix_kv_indices[: int(suffix_host[-1])]]).to(torch.int32)
     return make_plan(work, kv_indices, gqa, prefix_block_m, kv_base=kv_base)
 
 

@@ -162,10 +162,12 @@ def build_decode_step(
     if graph is not None:
         waves, plain_waves = graph.waves, graph.plain_waves
     plain = prefix_indptr[-1] == 0 and plain_waves is not None
+    # the launch that runs it: eager steps without prefix items always take the plain-decode one
+    plain_launched = prefix_indptr[-1] == 0 and (graph is None or plain_waves is not None)
     work = plan_work(groups.group_indptr, prefix_indptr, suffix_indptr, gqa_group_size=gqa,
                      num_kv_heads=num_kv_heads, prefix_block_m=PREFIX_BLOCK_M, num_sms=num_sms,
-                     waves=plain_waves if plain else waves, kv_align=plain_launch(dev)[0] if plain else BLOCK_N,
-                     **limits)
+                     waves=plain_waves if plain else waves,
+                     kv_align=plain_launch(dev)[0] if plain_launched else BLOCK_N, **limits)
     if graph is None:
         perm = None if groups.is_identity else _to_device(groups.order, dev)
         return DecodeStep(make_plan(work, kv_indices, gqa, kv_base=kv_base), perm, groups)
