@@ -49,7 +49,10 @@ def _ceil_div(a, b):
 # Per-item costs of the balanced planner, in KV tokens of one head (K + V: 4 * head_dim bytes):
 # a fixed cost (program start, query load, pipeline fill) and the float32 partial state of each
 # query row, written by the item and read back by the merge (8 * head_dim bytes = 2 tokens).
-ITEM_OVERHEAD_TOKENS = 32
+# The fixed cost was 32 (not measured); on the H200, 16 to 256 changed the plan of 2 of 16 cases
+# and 256 was fastest on both (B16 P2048 S512 21.7 -> 20.5 us, B64 P256 S256 35.3 -> 34.3 us
+# flat), no case more than 1% slower (benchmarks/results/ab_planner_h200.json).
+ITEM_OVERHEAD_TOKENS = 256
 PARTIAL_ROW_TOKENS = 2
 _MAX_SPLITS = 16  # candidate chunk lengths per item kind: the longest span cut into 1..16 pieces
 

@@ -9,7 +9,10 @@ many prefix row blocks (the 2x-floor misses of issue 4) and a few anchors, with 
 prefix tiles, warps, stages, block_n and prefix chunks doubled (fewer partials); each row also
 times the merge launch alone on the same plan. ``--study merge``: the merge launch loading 1, 4, 8
 or 16 of a row's partials at once (``merge_block_p``), on the anchors, the misses and the
-no-sharing cases, with the merge launch timed alone too. Every variant is checked against the fp32
+no-sharing cases, with the merge launch timed alone too. ``--study planner``: the planner's per-item
+overhead (``ITEM_OVERHEAD_TOKENS``) and per-row partial cost (``PARTIAL_ROW_TOKENS``) set to other
+values, on short-suffix, prefix-heavy and no-sharing cases, each planned and launched as
+``bench_kernel.py`` (flat) and SGLang's decode graphs (persistent, the pair of launches) do. Every variant is checked against the fp32
 oracle, then timed like ``bench_kernel.py`` (CUDA-graph replay median, L2 warm); baselines are not
 re-timed (compare with the grid of the same GPU). Writes ``ab_<study>.json`` under ``--out-dir``.
 
@@ -56,6 +59,8 @@ PREFIX_VARIANTS = [
     {"pbm": 128, "w": 8, "st": 2, "n": 64}, {"pbm": 128, "w": 8, "st": 2, "n": 128},
     {"pbm": 128, "w": 8, "st": 3, "n": 32}, {"pbm": 128, "w": 8, "st": 3, "n": 64, "pmult": 2},
     {"pbm": 128, "w": 4, "st": 3, "n": 64}, {"pbm": 32, "w": 4, "st": 3, "n": 64},
+    # 12: the H200 plain-decode launch (PLAIN_LAUNCH_BY_GPU) on prefix tiles
+    {"pbm": 64, "w": 4, "st": 2, "n": 128},
 ]
 
 
@@ -63,6 +68,12 @@ MERGE_CASES = ("B64_P4096_S256,B16_P2048_S512,B128_P1024_S128,B32_P8192_S1024,B8
                "B64_P16384_S256,B64_P4096_S32,B64_P4096_S256_llama3-70b-tp8,B64_P4096_S256_qwen2.5-7b,"
                "B256_P0_S1024,B128_P0_S2048_het,B64_P4096_S256_het")
 MERGE_VARIANTS = [{"bp": 1}, {"bp": 4}, {"bp": 8}, {"bp": 16}]
+
+PLANNER_CASES = ("B64_P256_S256,B64_P1024_S256,B128_P1024_S128,B512_P1024_S128,B8_P512_S64,B16_P2048_S512,"
+                 "B64_P4096_S256,B64_P4096_S32,B256_P2048_S256,B32_P8192_S1024,B64_P4096_S256_llama3-70b-tp8,"
+                 "B256_P2048_S256_zipf16_het,B256_P0_S1024,B128_P0_S2048_het,B64_P0_S4096_qwen2.5-7b,B16_P0_S8192")
+PLANNER_VARIANTS = [{"ovh": 32, "prow": 2}, {"ovh": 16, "prow": 2}, {"ovh": 64, "prow": 2}, {"ovh": 128, "prow": 2},
+                    {"ovh": 256, "prow": 2}, {"ovh": 64, "prow": 4}, {"ovh": 128, "prow": 4}]
 
 
 def time_variant(kern, inp, ref, tol, *, pbm=64, w=4, st=3, n=64, nosplit=False, pmult=1, persistent=False,
@@ -106,9 +117,46 @@ def time_variant(kern, inp, ref, tol, *, pbm=64, w=4, st=3, n=64, nosplit=False,
     return row
 
 
+def time_planner(kern, inp, ref, tol, *, ovh=32, prow=2, persistent=False) -> dict:
+    """Plans ours with the planner's per-item costs set to ``ovh`` and ``prow`` (KV tokens) and runs
+    it with the default launch: flat as ``bench_kernel.py``, or persistent as the decode graphs (the
+    pair of launches, programs from each one's persistent occupancy)."""
+    from packinfer_sglang.kernels import plan as planner
+    from packinfer_sglang.kernels.packed_cascade import BLOCK_N, kernel_occupancy, num_sms_of, plain_launch
+    dev, dtype = inp.q.device, inp.k_buffer.dtype
+    num_qo_heads, num_kv_heads, head_dim = inp.q.shape[1], inp.k_buffer.shape[1], inp.q.shape[2]
+    gqa, sms = num_qo_heads // num_kv_heads, num_sms_of(dev)
+    plain = int(inp[4][-1]) == 0
+    saved = planner.ITEM_OVERHEAD_TOKENS, planner.PARTIAL_ROW_TOKENS
+    planner.ITEM_OVERHEAD_TOKENS, planner.PARTIAL_ROW_TOKENS = ovh, prow
+    try:
+        if persistent:
+            occ = {pl: kernel_occupancy(dev, dtype, head_dim, gqa, persistent=True, plain=pl) for pl in (False, True)}
+            plan = kern.plan_packed_cascade(*inp[3:8], num_qo_heads, num_kv_heads, waves=occ[plain])
+            plan = plan._replace(num_programs=max(1, sms * occ[False] // num_kv_heads),
+                                 plain_num_programs=max(1, sms * occ[True] // num_kv_heads))
+        else:
+            plan = kern.plan_packed_cascade(*inp[3:8], num_qo_heads, num_kv_heads, head_dim=head_dim, dtype=dtype)
+        work = planner.plan_work(*[a.cpu().numpy() for a in (inp[3], inp[4], inp[6])], gqa_group_size=gqa,
+                                 num_kv_heads=num_kv_heads, prefix_block_m=plan.prefix_block_m, num_sms=sms,
+                                 waves=occ[plain] if persistent else kernel_occupancy(
+                                     dev, dtype, head_dim, gqa, plain=plain),
+                                 kv_align=plain_launch(dev)[0] if plain else BLOCK_N)
+    finally:
+        planner.ITEM_OVERHEAD_TOKENS, planner.PARTIAL_ROW_TOKENS = saved
+    out = torch.full_like(inp.q, float("nan"))
+
+    def run():
+        kern.run_packed_cascade(inp.q, inp.k_buffer, inp.v_buffer, plan, inp.sm_scale, out)
+    run()
+    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    return {"items": plan.num_items, "partials": plan.num_partials, "prefix_chunk": work.prefix_chunk,
+            "suffix_chunk": work.suffix_chunk, "rel_err": err, "us": bk.time_us(run, 5.0) if err <= tol else None}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--study", choices=("order", "tiles", "prefix", "merge"), required=True)
+    p.add_argument("--study", choices=("order", "tiles", "prefix", "merge", "planner"), required=True)
     p.add_argument("--cases", help="comma-separated exact case names of the full grid")
     p.add_argument("--variants", help="comma-separated indices into the study's variant list (default: all)")
     p.add_argument("--out-dir", type=Path, default=Path("out/ab"))
@@ -122,13 +170,14 @@ def main(argv=None) -> int:
               "no_longest_first": (planner._chunk_major, keep), "neither": (keep, keep)}
     rows = []
     default_cases = {"order": ORDER_CASES, "tiles": TILE_CASES, "prefix": PREFIX_CASES,
-                     "merge": MERGE_CASES}[args.study]
+                     "merge": MERGE_CASES, "planner": PLANNER_CASES}[args.study]
     for name in (args.cases or default_cases).split(","):
         inp = kc.make_inputs(by_name[name], dev)
         ref = kern.reference.packed_cascade_attention_ref(*inp.cascade_args())[0]
         tol = bk.TOLERANCE[by_name[name].dtype]
         variants = {"order": [{"order": o} for o in orders], "tiles": TILE_VARIANTS,
-                    "prefix": PREFIX_VARIANTS, "merge": MERGE_VARIANTS}[args.study]
+                    "prefix": PREFIX_VARIANTS, "merge": MERGE_VARIANTS,
+                    "planner": PLANNER_VARIANTS}[args.study]
         if args.variants:
             variants = [variants[int(i)] for i in args.variants.split(",")]
         for var in variants:
@@ -136,6 +185,8 @@ def main(argv=None) -> int:
                 if args.study == "order":
                     planner._chunk_major, planner._longest_first = orders[var["order"]]
                     r = time_variant(kern, inp, ref, tol, persistent=persistent)
+                elif args.study == "planner":
+                    r = time_planner(kern, inp, ref, tol, persistent=persistent, **var)
                 else:
                     plain = {"pbm": 16} if args.study == "merge" and by_name[name].prefix_len == 0 else {}  # serving's tiles
                     r = time_variant(kern, inp, ref, tol, persistent=persistent,
@@ -143,7 +194,7 @@ def main(argv=None) -> int:
                 rows.append({"case": name, **var, "persistent": persistent, **r})
         planner._chunk_major, planner._longest_first = orders["both"]
         mine = [r for r in rows if r["case"] == name]
-        print(name, " ".join(f"{'/'.join(str(v) for k, v in r.items() if k in ('order', 'pbm', 'w', 'st', 'n', 'bp'))}"
+        print(name, " ".join(f"{'/'.join(str(v) for k, v in r.items() if k in ('order', 'pbm', 'w', 'st', 'n', 'bp', 'ovh', 'prow'))}"
                              f"{'/ns' if r.get('nosplit') else ''}{'/x2' if r.get('pmult', 1) != 1 else ''}{'P' if r['persistent'] else 'F'}:"
                              f"{r['us'] or float('nan'):.1f}" for r in mine), flush=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
