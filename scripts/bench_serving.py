@@ -1,7 +1,9 @@
 """End-to-end serving benchmark: one SGLang server per attention backend, every workload against it.
 
 For each backend in ``--backends`` (``NAME``, or ``NAME:VARIANT``: ``eager``, decode CUDA graphs off;
-``compact``, packinfer with ``PACKINFER_COMPACT=1``; joined by ``+``, as ``packinfer:compact+eager``)
+``compact``, packinfer with ``PACKINFER_COMPACT=1``; ``fiprefill``, packinfer decode with FlashInfer
+prefill through SGLang's ``HybridAttnBackend`` (``--prefill-attention-backend flashinfer``); joined by
+``+``, as ``packinfer:compact+eager``)
 this starts ``python -m sglang.launch_server`` once on a weightless model directory
 (``--load-format dummy``; ``scripts/make_model_dir.py``), waits for ``/health`` and starts one client
 runner (``serving_client.py``). Then, for each workload of ``--workloads`` in turn:
@@ -55,7 +57,8 @@ WARMUP_SEED_OFFSET = 1000
 QUICK_DEADLINE_S = 520.0  # --quick ends within 9 minutes: the GPU host's 10-minute call limit, less margin
 LOG_TAIL_LINES = 30  # log lines kept in a row when something fails
 CLIENT_ENV = {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-VARIANTS = ("eager", "compact")  # NAME:VARIANT[+VARIANT] in --backends
+VARIANTS = ("eager", "compact", "fiprefill")  # NAME:VARIANT[+VARIANT] in --backends
+PACKINFER_ONLY = ("compact", "fiprefill")
 
 
 @dataclass(frozen=True)
@@ -85,10 +88,11 @@ def plan_backends(args: argparse.Namespace, tokenizer: Path) -> list[BackendPlan
     for i, backend in enumerate(b.strip() for b in args.backends.split(",") if b.strip()):
         name, _, variant = backend.partition(":")
         variants = set(variant.split("+")) if variant else set()
-        if not variants <= set(VARIANTS) or ("compact" in variants and name != PACKINFER):
+        if not variants <= set(VARIANTS) or (variants & set(PACKINFER_ONLY) and name != PACKINFER):
             raise ValueError(f"--backends: bad variant {variant!r} in {backend!r} (known: {', '.join(VARIANTS)};"
-                             f" compact for {PACKINFER} only)")
+                             f" {', '.join(PACKINFER_ONLY)} for {PACKINFER} only)")
         extra = args.extra_server_args + (" --cuda-graph-backend-decode disabled" if "eager" in variants else "")
+        extra += " --prefill-attention-backend flashinfer" if "fiprefill" in variants else ""
         env = procs.server_env(name, args.verify, procs.parse_env_pairs(args.packinfer_env))
         if "compact" in variants:
             env["PACKINFER_COMPACT"] = "1"
@@ -307,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated attention backends; NAME:eager runs NAME with decode CUDA graphs off,"
                    " packinfer:compact runs packinfer with PACKINFER_COMPACT=1 (KV compaction and placement;"
                    " its own row, so packinfer,packinfer:compact compares compaction off and on in one run);"
+                   " packinfer:fiprefill runs packinfer decode with FlashInfer prefill"
+                   " (--prefill-attention-backend flashinfer);"
                    " variants combine with + (packinfer:compact+eager)")
     p.add_argument("--baseline", default="",
                    help="comma-separated backends the 'vs best base' column compares with (default: every"

@@ -102,7 +102,11 @@ def test_dry_run_of_compaction_off_and_on_for_the_mixed_workload(tiny, tmp_path,
     plans = bench.plan_backends(args, tiny)
     assert plans[0].server_env["PACKINFER_COMPACT"] == "1" and "PACKINFER_COMPACT" not in plans[1].server_env
     assert all(p.server_argv[-2:] == ["--cuda-graph-backend-decode", "disabled"] for p in plans)
-    for bad in ("triton:compact", "packinfer:fast"):
+    plans = bench.plan_backends(_args(["--model-dir", str(tiny), "--backends", "packinfer:fiprefill"]), tiny)
+    argv = plans[0].server_argv
+    assert argv[argv.index("--prefill-attention-backend") + 1] == "flashinfer"
+    assert argv[argv.index("--attention-backend") + 1] == "packinfer"
+    for bad in ("triton:compact", "flashinfer:fiprefill", "packinfer:fast"):
         with pytest.raises(ValueError, match="variant"):
             bench.plan_backends(_args(["--model-dir", str(tiny), "--backends", bad]), tiny)
 
