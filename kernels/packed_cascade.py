@@ -60,6 +60,13 @@ def plain_launch(device: torch.device) -> tuple[int, int]:
     return BLOCK_N, NUM_STAGES
 
 
+def launch_config(device: torch.device, plain: bool) -> tuple[int, int]:
+    """``(block_n, num_stages)`` of a launch on ``device``: :func:`plain_launch`'s for the plain-decode
+    launch (plans without prefix items), else :data:`BLOCK_N`, :data:`NUM_STAGES`. Chunk lengths of
+    a plan align to the ``block_n`` of the launch that runs it."""
+    return plain_launch(device) if plain else (BLOCK_N, NUM_STAGES)
+
+
 @triton.jit
 def _attend_block(
     q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, kv_base, start_n, kv_head, sm_scale_log2, m_i, l_i, acc,
@@ -290,7 +297,7 @@ def kernel_occupancy(
         return 2
     if plain:
         prefix_block_m = suffix_block_m_for(gqa_group_size)
-    default_n, default_stages = plain_launch(device) if plain else (BLOCK_N, NUM_STAGES)
+    default_n, default_stages = launch_config(device, plain)
     block_n, num_stages = block_n or default_n, num_stages or default_stages
     num_warps = num_warps or default_num_warps(prefix_block_m, head_dim)
     q = torch.zeros(16, gqa_group_size, head_dim, dtype=dtype, device=device)
@@ -342,7 +349,7 @@ def plan_packed_cascade(
     if "waves" not in plan_kwargs and head_dim is not None and dtype is not None:
         plan_kwargs["waves"] = kernel_occupancy(device, dtype, head_dim, gqa, prefix_block_m=prefix_block_m,
                                                 has_kv_base=kv_base, plain=plain)
-    plan_kwargs.setdefault("kv_align", plain_launch(device)[0] if plain else BLOCK_N)
+    plan_kwargs.setdefault("kv_align", launch_config(device, plain)[0])
     work = plan_work(group_host, prefix_host, suffix_host, gqa_group_size=gqa, num_kv_heads=num_kv_heads,
                      prefix_block_m=prefix_block_m, **plan_kwargs)
     kv_indices = torch.cat([prefix_kv_indices[: int(prefix_host[-1])],
@@ -384,17 +391,16 @@ def run_packed_cascade(
             v_buffer.stride(0), v_buffer.stride(1), o_partial.stride(0), o_partial.stride(1),
             lse_partial.stride(0), out.stride(0), out.stride(1), lse_arg.stride(0))
 
-    plain_n, plain_stages = plain_launch(q.device)
-
     def launch(grid: int, prefix_block_m: int, persistent: bool, role: int, plain: bool):
+        default_n, default_stages = launch_config(q.device, plain)
         _packed_attn_partial_kernel[(grid, num_kv_heads) if persistent else (grid * num_kv_heads,)](
             *args, GQA=gqa, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
             PREFIX_BLOCK_M=prefix_block_m, SUFFIX_BLOCK_M=plan.suffix_block_m,
-            BLOCK_N=block_n or (plain_n if plain else BLOCK_N),
+            BLOCK_N=block_n or default_n,
             DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16, PERSISTENT=persistent,
             STORE_LSE=lse is not None, ROLE=role, HAS_KV_BASE=plan.kv_base is not None,
             num_warps=num_warps or default_num_warps(prefix_block_m, head_dim),
-            num_stages=num_stages or (plain_stages if plain else NUM_STAGES),
+            num_stages=num_stages or default_stages,
         )
 
     if plan.num_programs is None:  # eager: one program per item; plain decode gets the lighter tiles

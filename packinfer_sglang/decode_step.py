@@ -23,12 +23,11 @@ import torch
 from .grouping import DecodeGroups
 from .kernels import PackedCascadePlan, gather_kv_indices, make_plan, plan_work, run_packed_cascade
 from .kernels.packed_cascade import (
-    BLOCK_N,
     PREFIX_BLOCK_M,
     StaticPlanBuffers,
     copy_host_into,
     host_to_device,
-    plain_launch,
+    launch_config,
 )
 
 
@@ -167,7 +166,7 @@ def build_decode_step(
     work = plan_work(groups.group_indptr, prefix_indptr, suffix_indptr, gqa_group_size=gqa,
                      num_kv_heads=num_kv_heads, prefix_block_m=PREFIX_BLOCK_M, num_sms=num_sms,
                      waves=plain_waves if plain else waves,
-                     kv_align=plain_launch(dev)[0] if plain_launched else BLOCK_N, **limits)
+                     kv_align=launch_config(dev, plain_launched)[0], **limits)
     if graph is None:
         perm = None if groups.is_identity else _to_device(groups.order, dev)
         return DecodeStep(make_plan(work, kv_indices, gqa, kv_base=kv_base), perm, groups)

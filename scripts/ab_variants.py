@@ -122,7 +122,7 @@ def time_planner(kern, inp, ref, tol, *, ovh=32, prow=2, persistent=False) -> di
     it with the default launch: flat as ``bench_kernel.py``, or persistent as the decode graphs (the
     pair of launches, programs from each one's persistent occupancy)."""
     from packinfer_sglang.kernels import plan as planner
-    from packinfer_sglang.kernels.packed_cascade import BLOCK_N, kernel_occupancy, num_sms_of, plain_launch
+    from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, launch_config, num_sms_of
     dev, dtype = inp.q.device, inp.k_buffer.dtype
     num_qo_heads, num_kv_heads, head_dim = inp.q.shape[1], inp.k_buffer.shape[1], inp.q.shape[2]
     gqa, sms = num_qo_heads // num_kv_heads, num_sms_of(dev)
@@ -141,7 +141,7 @@ def time_planner(kern, inp, ref, tol, *, ovh=32, prow=2, persistent=False) -> di
                                  num_kv_heads=num_kv_heads, prefix_block_m=plan.prefix_block_m, num_sms=sms,
                                  waves=occ[plain] if persistent else kernel_occupancy(
                                      dev, dtype, head_dim, gqa, plain=plain),
-                                 kv_align=plain_launch(dev)[0] if plain else BLOCK_N)
+                                 kv_align=launch_config(dev, plain)[0])
     finally:
         planner.ITEM_OVERHEAD_TOKENS, planner.PARTIAL_ROW_TOKENS = saved
     out = torch.full_like(inp.q, float("nan"))

@@ -95,7 +95,7 @@ def test_graph_plan_is_coarsened_to_capacity(monkeypatch):
     # free items and 32-token chunks (the H200's plain launch aligns to 128, longer than these
     # requests): the natural plan splits every request
     monkeypatch.setattr(planner, "ITEM_OVERHEAD_TOKENS", 0)
-    monkeypatch.setattr(decode_step, "plain_launch", lambda device: (32, 3))
+    monkeypatch.setattr(decode_step, "launch_config", lambda device, plain: (32, 3))
     cache, reqs, req_to_token, pool_rows, seq_lens, num_slots = running_batch(6)
     graph = GraphBuffers(max_bs=len(reqs), max_context_len=128, num_kv_heads=2, num_sms=64, device=DEVICE)
     graph.PARTIALS_PER_REQUEST = 1

@@ -1,10 +1,17 @@
 """packed_cascade_attention == flat attention over cat(prefix, suffix), on fresh random inputs."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEVICE, HAS_CUDA, TOL, gpu, rel_err
 from packinfer_sglang.kernels import packed_cascade_attention, plan_packed_cascade, run_packed_cascade
-from packinfer_sglang.kernels.packed_cascade import BLOCK_N, NUM_STAGES, PLAIN_LAUNCH_BY_GPU, plain_launch
+from packinfer_sglang.kernels.packed_cascade import (
+    BLOCK_N,
+    NUM_STAGES,
+    PLAIN_LAUNCH_BY_GPU,
+    launch_config,
+    plain_launch,
+)
 from packinfer_sglang.kernels.reference import packed_cascade_attention_ref
 
 
@@ -121,3 +128,23 @@ def test_plain_decode_with_h200_launch(persistent):
 def test_plain_launch_defaults_off_the_listed_gpus():
     assert plain_launch(torch.device("cpu")) == (BLOCK_N, NUM_STAGES)
     assert PLAIN_LAUNCH_BY_GPU["H200"] == (128, 2)
+    assert launch_config(torch.device("cpu"), True) == launch_config(torch.device("cpu"), False) == (BLOCK_N, NUM_STAGES)
+
+
+@gpu
+def test_launch_config_and_plan_alignment_follow_the_gpu():
+    """Plain plans cut suffixes at multiples of this GPU's plain-decode ``block_n``; plans with prefix
+    items at multiples of :data:`BLOCK_N` (the launches run_packed_cascade then makes)."""
+    dev = torch.device("cuda")
+    assert launch_config(dev, False) == (BLOCK_N, NUM_STAGES)
+    assert launch_config(dev, True) == plain_launch(dev)
+    suffix = [700, 901, 1203]
+    for prefix, plain in (([0] * 3, True), ([300] * 3, False)):
+        args = make_batch([1] * 3, prefix, suffix, 8, 2, 64, torch.float16)
+        plan = plan_packed_cascade(*args[3:], 8, 2, head_dim=64, dtype=torch.float16)
+        assert plan.has_prefix == (not plain)
+        items = plan.items.cpu().numpy()
+        suffix_items = items[items[:, 2] >= sum(prefix)]
+        assert len(suffix_items) > len(suffix)  # split, so the cut points mean something
+        starts = sum(prefix) + np.concatenate([[0], np.cumsum(suffix)])[suffix_items[:, 0]]
+        assert ((suffix_items[:, 2] - starts) % launch_config(dev, plain)[0] == 0).all()
