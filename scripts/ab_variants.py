@@ -51,7 +51,7 @@ TILE_VARIANTS = [
 
 PREFIX_CASES = ("B64_P4096_S32,B64_P16384_S256,B64_P4096_S256_qwen2.5-7b,B64_P4096_S256_llama3-70b-tp8,"
                 "B64_P4096_S256,B256_P2048_S256,B8_P512_S64,B16_P2048_S512,B32_P8192_S1024,B128_P4096_S256,"
-                "B256_P2048_S256_G8_qwen2.5-7b,B16_P2048_S512_llama3-70b-tp8")
+                "B256_P2048_S256_G8_qwen2.5-7b,B16_P2048_S512_llama3-70b-tp8,B64_P256_S256,B64_P1024_S256")
 PREFIX_VARIANTS = [
     {"pbm": 64, "w": 4, "st": 3, "n": 64}, {"pbm": 64, "w": 4, "st": 3, "n": 64, "pmult": 2},
     {"pbm": 64, "w": 4, "st": 4, "n": 64}, {"pbm": 64, "w": 4, "st": 3, "n": 128},
@@ -61,6 +61,9 @@ PREFIX_VARIANTS = [
     {"pbm": 128, "w": 4, "st": 3, "n": 64}, {"pbm": 32, "w": 4, "st": 3, "n": 64},
     # 12: the H200 plain-decode launch (PLAIN_LAUNCH_BY_GPU) on prefix tiles
     {"pbm": 64, "w": 4, "st": 2, "n": 128},
+    # 13: 2 stages of 64-token blocks: 64 KB of shared memory instead of 96, so a third program per
+    # SM for short-suffix plans (B64 P256 S256), whose programs run only 2-4 blocks each
+    {"pbm": 64, "w": 4, "st": 2, "n": 64},
 ]
 
 
