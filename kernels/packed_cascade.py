@@ -205,15 +205,63 @@ def _attend_item(
 
 
 @triton.jit
+def _sm_id(HW_SMID: tl.constexpr, num_sms):
+    """The multiprocessor this program runs on (``%smid``); off the GPU (the interpreter) a stand-in,
+    the linear program id modulo ``num_sms``."""
+    if HW_SMID:
+        return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [tl.program_id(0)], dtype=tl.int32,
+                                         is_pure=False, pack=1)
+    else:
+        return (tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)) % num_sms
+
+
+@triton.jit
+def _take_unit(Sched, running, prefix_units, suffix_units, prefix_per_sm):
+    """Takes a work unit (an item and KV head, numbered prefix units first) from the two ticket
+    counters ``Sched[0]`` (prefix) and ``Sched[1]`` (suffix): a prefix unit while fewer than
+    ``prefix_per_sm`` prefix units run on this program's multiprocessor (``running``), else a
+    suffix unit, else whatever is left; -1 when both are exhausted. A failed ticket only means that
+    kind is exhausted, so a launch of exactly ``prefix_units + suffix_units`` programs gives every
+    program one unit."""
+    none = prefix_units * 0 - 1
+    want_prefix = (tl.load(running, volatile=True) < prefix_per_sm).to(tl.int32)
+    unit = none
+    if want_prefix == 1:
+        t = tl.atomic_add(Sched, 1)
+        if t < prefix_units:
+            unit = t
+    if unit < 0:
+        t = tl.atomic_add(Sched + 1, 1)
+        if t < suffix_units:
+            unit = prefix_units + t
+    if unit < 0:
+        if want_prefix == 0:
+            t = tl.atomic_add(Sched, 1)
+            if t < prefix_units:
+                unit = t
+    return unit
+
+
+@triton.jit
+def _release_sched(Sched, num_programs):
+    """Counts this program out; the last one resets the ticket counters for the next launch (which the
+    stream orders after this one). Every program has taken its last ticket before it counts out."""
+    if tl.atomic_add(Sched + 2, 1) == num_programs - 1:
+        tl.atomic_xchg(Sched, 0)
+        tl.atomic_xchg(Sched + 1, 0)
+        tl.atomic_xchg(Sched + 2, 0)
+
+
+@triton.jit
 def _packed_attn_partial_kernel(
     Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Counts, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
-    sm_scale_log2,
+    Sched, sm_scale_log2, num_sms, prefix_per_sm,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
     GQA: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PREFIX_BLOCK_M: tl.constexpr, SUFFIX_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, PERSISTENT: tl.constexpr, STORE_LSE: tl.constexpr, ROLE: tl.constexpr,
-    HAS_KV_BASE: tl.constexpr,
+    HAS_KV_BASE: tl.constexpr, MIX: tl.constexpr, HW_SMID: tl.constexpr,
 ):
     """Prefix items (``PREFIX_BLOCK_M`` rows: a group's requests x GQA) then suffix items
     (``SUFFIX_BLOCK_M`` rows: one request x GQA), all in one launch. ``Counts`` holds
@@ -225,9 +273,39 @@ def _packed_attn_partial_kernel(
     all heads' units instead was up to 7% slower on heterogeneous plain decode, H100). ``ROLE`` (persistent only):
     0 runs every plan; a graph captures a pair, 1 (compiled with 64-row prefix tiles) running plans
     with prefix items and 2 (compiled with suffix-height tiles: fewer registers, more resident
-    programs) running plans without, the other one of the pair finding nothing to do."""
+    programs) running plans without, the other one of the pair finding nothing to do.
+
+    ``MIX`` (an experiment, off by default; POD-Attention's SM-aware scheduling): programs take
+    units from ticket counters in ``Sched`` instead, a prefix unit (tensor-core bound) while fewer
+    than ``prefix_per_sm`` run on their multiprocessor and a suffix unit (memory bound) otherwise,
+    so both kinds share each multiprocessor instead of running in two phases. Flat: one unit per
+    program. Persistent: each program takes units until none is left, over all heads."""
     num_prefix_items = tl.load(Counts + 1)
-    if PERSISTENT:
+    if MIX:
+        num_items = tl.load(Counts)
+        if ROLE == 1:
+            num_items = tl.where(num_prefix_items > 0, num_items, 0)
+        prefix_units = num_prefix_items * NUM_KV_HEADS
+        suffix_units = (num_items - num_prefix_items) * NUM_KV_HEADS
+        running = Sched + 3 + _sm_id(HW_SMID, num_sms)
+        unit = _take_unit(Sched, running, prefix_units, suffix_units, prefix_per_sm)
+        while unit >= 0:
+            is_prefix = unit < prefix_units
+            if is_prefix:
+                tl.atomic_add(running, 1)
+            _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, O_Partial, LSE_Partial, Out,
+                        LSE_Out, unit // NUM_KV_HEADS, num_prefix_items, unit % NUM_KV_HEADS, sm_scale_log2,
+                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_pr, stride_ph,
+                        stride_lr, stride_ot, stride_oh, stride_lt, GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M,
+                        SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE, HAS_KV_BASE)
+            if is_prefix:
+                tl.atomic_add(running, -1)
+            if PERSISTENT:
+                unit = _take_unit(Sched, running, prefix_units, suffix_units, prefix_per_sm)
+            else:
+                unit = prefix_units * 0 - 1  # flat: one unit per program
+        _release_sched(Sched, tl.num_programs(0) * tl.num_programs(1))
+    elif PERSISTENT:
         num_items = tl.load(Counts)
         if ROLE == 1:
             num_items = tl.where(num_prefix_items > 0, num_items, 0)
@@ -271,6 +349,18 @@ def _attend_any(
                      GQA, HEAD_DIM, BLOCK_D, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE, HAS_KV_BASE)
 
 
+SCHED_SLOTS = 1024  # per-multiprocessor counters of the MIX scheduler (above any %smid)
+
+
+@functools.cache
+def _sched_buffer(device: torch.device) -> torch.Tensor:
+    """int32 ``[3 + SCHED_SLOTS]`` zeros: the MIX scheduler's prefix and suffix tickets, programs
+    counted out, and prefix units running per multiprocessor. Launches leave it zeroed (the last
+    program out resets the counters; every increment per multiprocessor is undone), so one buffer
+    per device serves every launch on one stream, CUDA-graph replays included."""
+    return torch.zeros(3 + SCHED_SLOTS, dtype=torch.int32, device=device)
+
+
 def num_sms_of(device: torch.device) -> int:
     """Multiprocessor count of a CUDA device (4 elsewhere, e.g. under ``TRITON_INTERPRET=1``)."""
     if device.type == "cuda":
@@ -288,6 +378,7 @@ def kernel_occupancy(
     device: torch.device, dtype: torch.dtype, head_dim: int, gqa_group_size: int, *,
     prefix_block_m: int = PREFIX_BLOCK_M, block_n: int | None = None, num_warps: int | None = None,
     num_stages: int | None = None, persistent: bool = False, has_kv_base: bool = False, plain: bool = False,
+    maxnreg: int | None = None,
 ) -> int:
     """Programs of the partial kernel resident at once on one multiprocessor (registers, shared
     memory, threads), from the compiled kernel for this configuration (compiled here if needed);
@@ -305,12 +396,13 @@ def kernel_occupancy(
     i32 = torch.zeros(16, dtype=torch.int32, device=device)
     f32 = torch.zeros(16, gqa_group_size, head_dim, dtype=torch.float32, device=device)
     compiled = _packed_attn_partial_kernel.warmup(
-        q, kv, kv, i32, i32, i32, i32, i32, f32, f32[:, :, 0], q, f32[:, :, 0], 1.0, q.stride(0), q.stride(1),
+        q, kv, kv, i32, i32, i32, i32, i32, f32, f32[:, :, 0], q, f32[:, :, 0], i32, 1.0, 132, 1, q.stride(0), q.stride(1),
         kv.stride(0), kv.stride(1), kv.stride(0), kv.stride(1), f32.stride(0), f32.stride(1), gqa_group_size,
         q.stride(0), q.stride(1), gqa_group_size,
         GQA=gqa_group_size, NUM_KV_HEADS=1, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         PREFIX_BLOCK_M=prefix_block_m, SUFFIX_BLOCK_M=suffix_block_m_for(gqa_group_size), BLOCK_N=block_n,
-        DOT_FP32=False, PERSISTENT=persistent, STORE_LSE=False, ROLE=0, HAS_KV_BASE=has_kv_base, num_warps=num_warps, num_stages=num_stages,
+        DOT_FP32=False, PERSISTENT=persistent, STORE_LSE=False, ROLE=0, HAS_KV_BASE=has_kv_base, MIX=False,
+        HW_SMID=True, num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         grid=(1, 1) if persistent else (1,),
     )
     compiled._init_handles()
@@ -370,6 +462,9 @@ def run_packed_cascade(
     num_warps: int | None = None,
     num_stages: int | None = None,
     merge_block_p: int = MERGE_BLOCK_P,
+    mix: bool = False,
+    mix_prefix_per_sm: int = 1,
+    maxnreg: int | None = None,
 ) -> None:
     """Runs a planned step for one layer, writing ``out`` (and ``lse``) in place. Inputs unchecked:
     :func:`packed_cascade_attention` validates them. Rows of ``out`` past the plan's requests (padding
@@ -377,7 +472,9 @@ def run_packed_cascade(
     so it can be captured in a CUDA graph. ``block_n`` (KV tokens per inner step; default
     :data:`BLOCK_N`, and :func:`plain_launch`'s for the plain-decode launch), ``num_warps`` (default:
     4 for tiles up to 64 x 128, else 8), ``num_stages`` (default as ``block_n``) and
-    ``merge_block_p`` (partials a merge program loads at once) are launch tuning only."""
+    ``merge_block_p`` (partials a merge program loads at once) are launch tuning only. ``mix``: the
+    SM-aware scheduling experiment (``MIX`` of the kernel, at most ``mix_prefix_per_sm`` prefix units
+    per multiprocessor at once) for launches that may hold prefix items; not measured yet, off."""
     _, num_qo_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
     gqa = num_qo_heads // num_kv_heads
@@ -385,8 +482,10 @@ def run_packed_cascade(
     lse_partial = torch.empty(plan.num_partials, num_qo_heads, dtype=torch.float32, device=q.device)
     lse_arg = lse if lse is not None else lse_partial
     kv_base = plan.kv_indices if plan.kv_base is None else plan.kv_base
+    sched = _sched_buffer(q.device) if mix else plan.counts
     args = (q, k_buffer, v_buffer, plan.kv_indices, kv_base, plan.items, plan.counts, plan.merge_indptr,
-            o_partial, lse_partial, out, lse_arg, sm_scale * 1.4426950408889634,
+            o_partial, lse_partial, out, lse_arg, sched, sm_scale * 1.4426950408889634, num_sms_of(q.device) if mix else 1,
+            mix_prefix_per_sm,
             q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
             v_buffer.stride(0), v_buffer.stride(1), o_partial.stride(0), o_partial.stride(1),
             lse_partial.stride(0), out.stride(0), out.stride(1), lse_arg.stride(0))
@@ -399,8 +498,9 @@ def run_packed_cascade(
             BLOCK_N=block_n or default_n,
             DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16, PERSISTENT=persistent,
             STORE_LSE=lse is not None, ROLE=role, HAS_KV_BASE=plan.kv_base is not None,
+            MIX=mix and not plain, HW_SMID=q.device.type == "cuda",
             num_warps=num_warps or default_num_warps(prefix_block_m, head_dim),
-            num_stages=num_stages or default_stages,
+            num_stages=num_stages or default_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         )
 
     if plan.num_programs is None:  # eager: one program per item; plain decode gets the lighter tiles

@@ -12,7 +12,10 @@ or 16 of a row's partials at once (``merge_block_p``), on the anchors, the misse
 no-sharing cases, with the merge launch timed alone too. ``--study planner``: the planner's per-item
 overhead (``ITEM_OVERHEAD_TOKENS``) and per-row partial cost (``PARTIAL_ROW_TOKENS``) set to other
 values, on short-suffix, prefix-heavy and no-sharing cases, each planned and launched as
-``bench_kernel.py`` (flat) and SGLang's decode graphs (persistent, the pair of launches) do. Every variant is checked against the fp32
+``bench_kernel.py`` (flat) and SGLang's decode graphs (persistent, the pair of launches) do.
+``--study mix``: the SM-aware scheduling experiment (``run_packed_cascade(mix=True)``: prefix and
+suffix units taken from ticket counters so that both kinds share each multiprocessor, at most
+``pps`` prefix units per multiprocessor at once) against the default order, flat and persistent. Every variant is checked against the fp32
 oracle, then timed like ``bench_kernel.py`` (CUDA-graph replay median, L2 warm); baselines are not
 re-timed (compare with the grid of the same GPU). Writes ``ab_<study>.json`` under ``--out-dir``.
 
@@ -61,9 +64,12 @@ PREFIX_VARIANTS = [
     {"pbm": 128, "w": 4, "st": 3, "n": 64}, {"pbm": 32, "w": 4, "st": 3, "n": 64},
     # 12: the H200 plain-decode launch (PLAIN_LAUNCH_BY_GPU) on prefix tiles
     {"pbm": 64, "w": 4, "st": 2, "n": 128},
-    # 13: 2 stages of 64-token blocks: 64 KB of shared memory instead of 96, so a third program per
-    # SM for short-suffix plans (B64 P256 S256), whose programs run only 2-4 blocks each
+    # 13: 2 stages of 64-token blocks (sm_90 compile: 193 registers and 80 KB of shared memory as
+    # with 3 stages, so still 2 programs per SM; scripts/kernel_resources.py)
     {"pbm": 64, "w": 4, "st": 2, "n": 64},
+    # 14: 32-token blocks capped at 168 registers: 48 KB and no spill on sm_90, 3 programs per SM
+    # instead of 2 (kernel_resources.py), for short-suffix plans whose programs run 2-4 blocks each
+    {"pbm": 64, "w": 4, "st": 3, "n": 32, "maxnreg": 168},
 ]
 
 
@@ -71,6 +77,11 @@ MERGE_CASES = ("B64_P4096_S256,B16_P2048_S512,B128_P1024_S128,B32_P8192_S1024,B8
                "B64_P16384_S256,B64_P4096_S32,B64_P4096_S256_llama3-70b-tp8,B64_P4096_S256_qwen2.5-7b,"
                "B256_P0_S1024,B128_P0_S2048_het,B64_P4096_S256_het")
 MERGE_VARIANTS = [{"bp": 1}, {"bp": 4}, {"bp": 8}, {"bp": 16}]
+
+MIX_CASES = ("B64_P4096_S256,B128_P4096_S256,B256_P2048_S256,B256_P4096_S256,B64_P4096_S1024,B32_P8192_S1024,"
+             "B64_P16384_S256,B64_P4096_S32,B64_P4096_S256_qwen2.5-7b,B64_P4096_S256_llama3-70b-tp8,B64_P256_S256,"
+             "B16_P2048_S512,B256_P2048_S256_zipf16_het,B64_P4096_S256_mha-32")
+MIX_VARIANTS = [{"mix": False}, {"mix": True, "pps": 1}, {"mix": True, "pps": 2}, {"mix": True, "pps": 0}]
 
 PLANNER_CASES = ("B64_P256_S256,B64_P1024_S256,B128_P1024_S128,B512_P1024_S128,B8_P512_S64,B16_P2048_S512,"
                  "B64_P4096_S256,B64_P4096_S32,B256_P2048_S256,B32_P8192_S1024,B64_P4096_S256_llama3-70b-tp8,"
@@ -80,14 +91,15 @@ PLANNER_VARIANTS = [{"ovh": 32, "prow": 2}, {"ovh": 16, "prow": 2}, {"ovh": 64, 
 
 
 def time_variant(kern, inp, ref, tol, *, pbm=64, w=4, st=3, n=64, nosplit=False, pmult=1, persistent=False,
-                 merge=False, bp=1) -> dict:
+                 merge=False, bp=1, maxnreg=None) -> dict:
     """Plans and runs ours with the given launch (``pbm``: the kernel's ``PREFIX_BLOCK_M``; ``bp``:
     partials a merge program loads at once, 1 as before the blocked merge)."""
     from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of
     dev, num_kv_heads = inp.q.device, inp.k_buffer.shape[1]
-    launch = {"block_n": n, "num_warps": w, "num_stages": st, "merge_block_p": bp}
+    launch = {"block_n": n, "num_warps": w, "num_stages": st, "merge_block_p": bp, "maxnreg": maxnreg}
     occ = kernel_occupancy(dev, inp.k_buffer.dtype, inp.q.shape[2], inp.q.shape[1] // num_kv_heads,
-                           prefix_block_m=pbm, persistent=persistent, block_n=n, num_warps=w, num_stages=st)
+                           prefix_block_m=pbm, persistent=persistent, block_n=n, num_warps=w, num_stages=st,
+                           maxnreg=maxnreg)
     plan = kern.plan_packed_cascade(*inp[3:8], inp.q.shape[1], num_kv_heads, waves=occ, prefix_block_m=pbm,
                                     kv_align=n, **({"suffix_chunk": 1 << 20} if nosplit else {}))
     if pmult != 1 and plan.has_prefix:  # the same plan with prefix chunks pmult times longer
@@ -157,9 +169,30 @@ def time_planner(kern, inp, ref, tol, *, ovh=32, prow=2, persistent=False) -> di
             "suffix_chunk": work.suffix_chunk, "rel_err": err, "us": bk.time_us(run, 5.0) if err <= tol else None}
 
 
+def time_mix(kern, inp, ref, tol, *, mix=False, pps=1, persistent=False) -> dict:
+    """Ours with the default plan and launch, or with the MIX scheduler (``pps``: prefix units per
+    multiprocessor at once); persistent launches get the graphs' program count."""
+    from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of
+    dev, dtype = inp.q.device, inp.k_buffer.dtype
+    num_qo_heads, num_kv_heads, head_dim = inp.q.shape[1], inp.k_buffer.shape[1], inp.q.shape[2]
+    plan = kern.plan_packed_cascade(*inp[3:8], num_qo_heads, num_kv_heads, head_dim=head_dim, dtype=dtype)
+    if persistent:
+        occ = kernel_occupancy(dev, dtype, head_dim, num_qo_heads // num_kv_heads, persistent=True)
+        plan = plan._replace(num_programs=max(1, num_sms_of(dev) * occ // num_kv_heads))
+    out = torch.full_like(inp.q, float("nan"))
+
+    def run():
+        kern.run_packed_cascade(inp.q, inp.k_buffer, inp.v_buffer, plan, inp.sm_scale, out, mix=mix,
+                                mix_prefix_per_sm=pps)
+    run()
+    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    return {"items": plan.num_items, "rel_err": err, "unwritten": int(torch.isnan(out).sum()),
+            "us": bk.time_us(run, 5.0) if err <= tol else None}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--study", choices=("order", "tiles", "prefix", "merge", "planner"), required=True)
+    p.add_argument("--study", choices=("order", "tiles", "prefix", "merge", "planner", "mix"), required=True)
     p.add_argument("--cases", help="comma-separated exact case names of the full grid")
     p.add_argument("--variants", help="comma-separated indices into the study's variant list (default: all)")
     p.add_argument("--out-dir", type=Path, default=Path("out/ab"))
@@ -173,14 +206,15 @@ def main(argv=None) -> int:
               "no_longest_first": (planner._chunk_major, keep), "neither": (keep, keep)}
     rows = []
     default_cases = {"order": ORDER_CASES, "tiles": TILE_CASES, "prefix": PREFIX_CASES,
-                     "merge": MERGE_CASES, "planner": PLANNER_CASES}[args.study]
+                     "merge": MERGE_CASES, "planner": PLANNER_CASES,
+                     "mix": MIX_CASES}[args.study]
     for name in (args.cases or default_cases).split(","):
         inp = kc.make_inputs(by_name[name], dev)
         ref = kern.reference.packed_cascade_attention_ref(*inp.cascade_args())[0]
         tol = bk.TOLERANCE[by_name[name].dtype]
         variants = {"order": [{"order": o} for o in orders], "tiles": TILE_VARIANTS,
                     "prefix": PREFIX_VARIANTS, "merge": MERGE_VARIANTS,
-                    "planner": PLANNER_VARIANTS}[args.study]
+                    "planner": PLANNER_VARIANTS, "mix": MIX_VARIANTS}[args.study]
         if args.variants:
             variants = [variants[int(i)] for i in args.variants.split(",")]
         for var in variants:
@@ -190,6 +224,8 @@ def main(argv=None) -> int:
                     r = time_variant(kern, inp, ref, tol, persistent=persistent)
                 elif args.study == "planner":
                     r = time_planner(kern, inp, ref, tol, persistent=persistent, **var)
+                elif args.study == "mix":
+                    r = time_mix(kern, inp, ref, tol, persistent=persistent, **var)
                 else:
                     plain = {"pbm": 16} if args.study == "merge" and by_name[name].prefix_len == 0 else {}  # serving's tiles
                     r = time_variant(kern, inp, ref, tol, persistent=persistent,
@@ -197,7 +233,7 @@ def main(argv=None) -> int:
                 rows.append({"case": name, **var, "persistent": persistent, **r})
         planner._chunk_major, planner._longest_first = orders["both"]
         mine = [r for r in rows if r["case"] == name]
-        print(name, " ".join(f"{'/'.join(str(v) for k, v in r.items() if k in ('order', 'pbm', 'w', 'st', 'n', 'bp', 'ovh', 'prow'))}"
+        print(name, " ".join(f"{'/'.join(str(v) for k, v in r.items() if k in ('order', 'pbm', 'w', 'st', 'n', 'bp', 'ovh', 'prow', 'mix', 'pps', 'maxnreg'))}"
                              f"{'/ns' if r.get('nosplit') else ''}{'/x2' if r.get('pmult', 1) != 1 else ''}{'P' if r['persistent'] else 'F'}:"
                              f"{r['us'] or float('nan'):.1f}" for r in mine), flush=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -148,3 +148,26 @@ def test_launch_config_and_plan_alignment_follow_the_gpu():
         assert len(suffix_items) > len(suffix)  # split, so the cut points mean something
         starts = sum(prefix) + np.concatenate([[0], np.cumsum(suffix)])[suffix_items[:, 0]]
         assert ((suffix_items[:, 2] - starts) % launch_config(dev, plain)[0] == 0).all()
+
+
+@pytest.mark.parametrize("launch", ["flat", "persistent", "graph_pair"])
+@pytest.mark.parametrize("prefix_per_sm", [0, 1])  # 0: suffix units first (prefix when they run out)
+@pytest.mark.parametrize("structure", ["mixed", "one_group"])
+def test_mix_scheduling_equals_flat(launch, prefix_per_sm, structure):
+    """The SM-aware scheduling experiment (``mix``): programs take units from ticket counters, each
+    unit exactly once, for every launch kind; the counters are left zeroed for the next launch
+    (checked by running twice)."""
+    from packinfer_sglang.kernels.packed_cascade import _sched_buffer
+    args = make_batch(*STRUCTURES[structure], 8, 2, 64, torch.float16)
+    q, k, v = args[:3]
+    plan = plan_packed_cascade(*args[3:], 8, 2, prefix_chunk=64, suffix_chunk=64)
+    if launch == "persistent":
+        plan = plan._replace(num_programs=3)
+    elif launch == "graph_pair":
+        plan = plan._replace(num_programs=3, plain_num_programs=2, has_prefix=True)
+    ref = packed_cascade_attention_ref(*args, q.shape[-1] ** -0.5)[0]
+    for _ in range(2):
+        out = torch.full_like(q, float("nan"))
+        run_packed_cascade(q, k, v, plan, q.shape[-1] ** -0.5, out, mix=True, mix_prefix_per_sm=prefix_per_sm)
+        assert torch.isfinite(out).all() and rel_err(out, ref) < TOL[torch.float16]
+        assert not _sched_buffer(q.device).any()

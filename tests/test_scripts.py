@@ -143,3 +143,24 @@ def test_bench_compaction_table_and_cpu_refusal():
         with pytest.raises(SystemExit) as e:
             bc.main(["--out-dir", "/nonexistent"])
         assert e.value.code == 2
+
+
+def test_kernel_resources_compiles_for_hopper_without_a_gpu():
+    """scripts/kernel_resources.py: the packed kernel compiled for sm_90 by Triton's bundled ptxas
+    (in a process without the interpreter). On the H200, kernel_occupancy measured 2 programs per
+    SM for the default launch and 3 for the eager plain-decode tiles (16 rows, 64-token blocks, 3
+    stages; session 7's server log); the offline counts must agree."""
+    import os
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "kernel_resources.py"), "--variants", "", "pbm=16",
+                          "mix=1,persistent=1"], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:6]]
+            for line in run.stdout.splitlines() if line.startswith("| ") and "variant" not in line}
+    assert rows["default"][3] == "2" and rows["pbm=16"][3] == "3"
+    assert 0 < int(rows["mix=1,persistent=1"][0]) <= 255
+    kr = _load_script("kernel_resources")
+    assert kr.parse_variant("pbm=16, stages=3") == {"pbm": 16, "stages": 3}
+    with pytest.raises(SystemExit, match="unknown"):
+        kr.parse_variant("tiles=3")

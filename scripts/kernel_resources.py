@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Registers, spills and shared memory of the packed kernel's launch variants, compiled for a GPU
+architecture without that GPU (Triton's bundled ptxas; no device needed).
+
+Each variant is compiled as the JIT would on the device (pointers and strides 16-byte aligned), and
+``cuobjdump --dump-resource-usage`` reads the cubin. Resident programs per multiprocessor follow
+from the registers and shared memory (Hopper: 64K registers, 227 KB shared memory per
+multiprocessor), which is what ``kernel_occupancy`` measures on a GPU.
+
+    python scripts/kernel_resources.py --arch 90
+    python scripts/kernel_resources.py --arch 90 --variants "mix=1,persistent=1" "block_n=128,stages=2"
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+POINTERS = {"Q": "*bf16", "K_Buffer": "*bf16", "V_Buffer": "*bf16", "Out": "*bf16", "O_Partial": "*fp32",
+            "LSE_Partial": "*fp32", "LSE_Out": "*fp32", "KV_Indices": "*i32", "KV_Base": "*i32", "Items": "*i32",
+            "Counts": "*i32", "Merge_Indptr": "*i32", "Sched": "*i32"}
+DEFAULT_VARIANTS = ("", "persistent=1", "mix=1", "mix=1,persistent=1", "block_n=128,stages=2,pbm=16",
+                    "stages=2", "pbm=128,warps=8")
+REGS_PER_SM, SMEM_PER_SM, SMEM_RESERVED = 65536, 227 * 1024, 1024
+
+
+def compile_variant(arch: int, *, gqa=4, kv_heads=8, head_dim=128, pbm=64, block_n=64, stages=3, warps=4,
+                    persistent=0, mix=0, kv_base=0, maxnreg=0) -> dict:
+    """Compiles one variant; returns its resources and the programs per multiprocessor they allow."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("kernel_resources.py compiles for the GPU: unset TRITON_INTERPRET")
+    from packinfer_sglang.kernels import packed_cascade as pc
+    fn = pc._packed_attn_partial_kernel
+    names = list(inspect.signature(fn.fn).parameters)
+    const = dict(GQA=gqa, NUM_KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+                 PREFIX_BLOCK_M=pbm, SUFFIX_BLOCK_M=pc.suffix_block_m_for(gqa), BLOCK_N=block_n, DOT_FP32=False,
+                 PERSISTENT=bool(persistent), STORE_LSE=False, ROLE=0, HAS_KV_BASE=bool(kv_base), MIX=bool(mix),
+                 HW_SMID=True)
+    sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "sm_scale_log2" else "i32")
+           for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in POINTERS or n.startswith("stride")}
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
+                                    attrs=attrs)
+    options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+    os.unlink(f.name)
+    regs = int(re.search(r"REG:(\d+)", usage)[1])
+    stack = int(re.search(r"STACK:(\d+)", usage)[1])
+    smem = kernel.metadata.shared
+    regs_per_warp = -(-regs * 32 // 256) * 256
+    by_regs = REGS_PER_SM // (regs_per_warp * warps)
+    by_smem = (SMEM_PER_SM + SMEM_RESERVED) // (smem + SMEM_RESERVED)
+    return {"regs": regs, "stack_bytes": stack, "shared_bytes": smem,
+            "programs_per_sm": max(0, min(by_regs, by_smem, 2048 // (32 * warps)))}
+
+
+def parse_variant(text: str) -> dict:
+    """``"key=value,key=value"`` (keys of :func:`compile_variant`) as keyword arguments."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = part.partition("=")
+        if key not in inspect.signature(compile_variant).parameters or key == "arch":
+            raise SystemExit(f"unknown variant key {key!r} in {text!r}")
+        out[key] = int(value)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: Hopper)")
+    p.add_argument("--variants", nargs="*", default=list(DEFAULT_VARIANTS),
+                   help="key=value lists (gqa, kv_heads, head_dim, pbm, block_n, stages, warps, persistent, mix, "
+                        "kv_base, maxnreg: a register cap, 0 none); empty: the default launch")
+    args = p.parse_args(argv)
+    print(f"| variant (sm_{args.arch}) | registers | stack B | shared KB | programs/SM |\n|---|---:|---:|---:|---:|")
+    for text in args.variants:
+        r = compile_variant(args.arch, **parse_variant(text))
+        print(f"| {text or 'default'} | {r['regs']} | {r['stack_bytes']} | {r['shared_bytes'] / 1024:.1f} | "
+              f"{r['programs_per_sm']} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
