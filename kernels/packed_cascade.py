@@ -123,22 +123,83 @@ def _attend_block(
 
 
 @triton.jit
+def _load_rows(Buffer, KV_Indices, kv_start, kv_base, start_n, kv_head, stride_t, stride_h,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CONTIGUOUS: tl.constexpr):
+    """K or V rows of the whole block at positions ``start_n + [0, BLOCK_N)`` of a chunk (see
+    :func:`_attend_block` for ``CONTIGUOUS``)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    if CONTIGUOUS:
+        slots = kv_base.to(tl.int64) + start_n + offs_n
+    else:
+        slots = tl.load(KV_Indices + kv_start + start_n + offs_n).to(tl.int64)
+    ptrs = Buffer + slots[:, None] * stride_t + kv_head * stride_h + offs_d[None, :]
+    if BLOCK_D == HEAD_DIM:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+
+
+@triton.jit
+def _scores(q, k, sm_scale_log2, DOT_FP32: tl.constexpr):
+    """``q k^T`` scaled to base 2."""
+    if DOT_FP32:
+        return tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * sm_scale_log2
+    else:
+        return tl.dot(q, tl.trans(k)) * sm_scale_log2
+
+
+@triton.jit
+def _softmax_pv(qk, v, m_i, l_i, acc, DOT_FP32: tl.constexpr):
+    """The online-softmax update of ``(m_i, l_i, acc)`` by one block's base-2 scores and values."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.exp2(qk - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DOT_FP32:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attend_kv(
     q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, kv_base, kv_head, sm_scale_log2,
     stride_kt, stride_kh, stride_vt, stride_vh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr, CONTIGUOUS: tl.constexpr,
+    DOT_FP32: tl.constexpr, CONTIGUOUS: tl.constexpr, OVERLAP: tl.constexpr = False,
 ):
     """Online softmax of a tile's rows ``q`` over one KV chunk: whole blocks, then the partial last
-    one; returns ``(m_i, l_i, acc)`` (``m_i`` in base 2, ``acc`` unnormalized)."""
+    one; returns ``(m_i, l_i, acc)`` (``m_i`` in base 2, ``acc`` unnormalized). ``OVERLAP`` (an
+    experiment, FlashAttention-3's intra-warpgroup pipelining, Sec. 3.2): the scores of block
+    ``i + 1`` are issued before the softmax of block ``i``, so the tensor cores compute them while
+    the softmax runs."""
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     kv_full = kv_len // BLOCK_N * BLOCK_N
-    for start_n in range(0, kv_full, BLOCK_N):  # whole blocks: no masks, so the loads pipeline freely
-        m_i, l_i, acc = _attend_block(q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, kv_base, start_n,
-                                      kv_head, sm_scale_log2, m_i, l_i, acc, stride_kt, stride_kh, stride_vt,
-                                      stride_vh, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_FP32, False, CONTIGUOUS)
+    if OVERLAP:
+        if kv_full > 0:
+            k = _load_rows(K_Buffer, KV_Indices, kv_start, kv_base, 0, kv_head, stride_kt, stride_kh,
+                           HEAD_DIM, BLOCK_D, BLOCK_N, CONTIGUOUS)
+            qk = _scores(q, k, sm_scale_log2, DOT_FP32)
+            for start_n in range(0, kv_full - BLOCK_N, BLOCK_N):
+                k_next = _load_rows(K_Buffer, KV_Indices, kv_start, kv_base, start_n + BLOCK_N, kv_head, stride_kt,
+                                    stride_kh, HEAD_DIM, BLOCK_D, BLOCK_N, CONTIGUOUS)
+                qk_next = _scores(q, k_next, sm_scale_log2, DOT_FP32)
+                v = _load_rows(V_Buffer, KV_Indices, kv_start, kv_base, start_n, kv_head, stride_vt, stride_vh,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, CONTIGUOUS)
+                m_i, l_i, acc = _softmax_pv(qk, v, m_i, l_i, acc, DOT_FP32)
+                qk = qk_next
+            v = _load_rows(V_Buffer, KV_Indices, kv_start, kv_base, kv_full - BLOCK_N, kv_head, stride_vt,
+                           stride_vh, HEAD_DIM, BLOCK_D, BLOCK_N, CONTIGUOUS)
+            m_i, l_i, acc = _softmax_pv(qk, v, m_i, l_i, acc, DOT_FP32)
+    else:
+        for start_n in range(0, kv_full, BLOCK_N):  # whole blocks: no masks, so the loads pipeline freely
+            m_i, l_i, acc = _attend_block(q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, kv_base, start_n,
+                                          kv_head, sm_scale_log2, m_i, l_i, acc, stride_kt, stride_kh, stride_vt,
+                                          stride_vh, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_FP32, False, CONTIGUOUS)
     if kv_full < kv_len:
         m_i, l_i, acc = _attend_block(q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, kv_base, kv_full,
                                       kv_head, sm_scale_log2, m_i, l_i, acc, stride_kt, stride_kh, stride_vt,
@@ -154,7 +215,7 @@ def _attend_item(
     stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
     GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, STORE_LSE: tl.constexpr,
-    HAS_KV_BASE: tl.constexpr,
+    HAS_KV_BASE: tl.constexpr, OVERLAP: tl.constexpr = False,
 ):
     """One work item (a tile of query rows against one KV chunk) for one KV head. Rows of a
     request with one partial in the plan are final: written to ``Out`` (and ``LSE_Out``) here.
@@ -179,15 +240,15 @@ def _attend_item(
         if kv_base >= 0:  # one run of consecutive slots (a compacted prefix, a placed suffix)
             m_i, l_i, acc = _attend_kv(q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, kv_base, kv_head,
                                        sm_scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
-                                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_FP32, True)
+                                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_FP32, True, OVERLAP)
         else:
             m_i, l_i, acc = _attend_kv(q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, kv_base, kv_head,
                                        sm_scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
-                                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_FP32, False)
+                                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_FP32, False, OVERLAP)
     else:
         m_i, l_i, acc = _attend_kv(q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, kv_start, kv_head,
                                    sm_scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
-                                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_FP32, False)
+                                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_FP32, False, OVERLAP)
 
     first = tl.load(Merge_Indptr + tok, mask=mask_m, other=0)
     final = mask_m & (tl.load(Merge_Indptr + tok + 1, mask=mask_m, other=0) - first == 1)
@@ -261,7 +322,7 @@ def _packed_attn_partial_kernel(
     GQA: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PREFIX_BLOCK_M: tl.constexpr, SUFFIX_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, PERSISTENT: tl.constexpr, STORE_LSE: tl.constexpr, ROLE: tl.constexpr,
-    HAS_KV_BASE: tl.constexpr, MIX: tl.constexpr, HW_SMID: tl.constexpr,
+    HAS_KV_BASE: tl.constexpr, MIX: tl.constexpr, HW_SMID: tl.constexpr, PREFIX_OVERLAP: tl.constexpr,
 ):
     """Prefix items (``PREFIX_BLOCK_M`` rows: a group's requests x GQA) then suffix items
     (``SUFFIX_BLOCK_M`` rows: one request x GQA), all in one launch. ``Counts`` holds
@@ -297,7 +358,7 @@ def _packed_attn_partial_kernel(
                         LSE_Out, unit // NUM_KV_HEADS, num_prefix_items, unit % NUM_KV_HEADS, sm_scale_log2,
                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_pr, stride_ph,
                         stride_lr, stride_ot, stride_oh, stride_lt, GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M,
-                        SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE, HAS_KV_BASE)
+                        SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE, HAS_KV_BASE, PREFIX_OVERLAP)
             if is_prefix:
                 tl.atomic_add(running, -1)
             if PERSISTENT:
@@ -316,14 +377,14 @@ def _packed_attn_partial_kernel(
                         LSE_Out, item, num_prefix_items, tl.program_id(1), sm_scale_log2, stride_qt, stride_qh,
                         stride_kt, stride_kh, stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot, stride_oh,
                         stride_lt, GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32,
-                        STORE_LSE, HAS_KV_BASE)
+                        STORE_LSE, HAS_KV_BASE, PREFIX_OVERLAP)
     else:
         unit = tl.program_id(0)
         _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
                     unit // NUM_KV_HEADS, num_prefix_items, unit % NUM_KV_HEADS, sm_scale_log2, stride_qt, stride_qh,
                     stride_kt, stride_kh, stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot,
                     stride_oh, stride_lt, GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, SUFFIX_BLOCK_M, BLOCK_N,
-                    DOT_FP32, STORE_LSE, HAS_KV_BASE)
+                    DOT_FP32, STORE_LSE, HAS_KV_BASE, PREFIX_OVERLAP)
 
 
 @triton.jit
@@ -334,14 +395,15 @@ def _attend_any(
     stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
     GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PREFIX_BLOCK_M: tl.constexpr, SUFFIX_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr, STORE_LSE: tl.constexpr, HAS_KV_BASE: tl.constexpr,
+    DOT_FP32: tl.constexpr, STORE_LSE: tl.constexpr, HAS_KV_BASE: tl.constexpr, PREFIX_OVERLAP: tl.constexpr,
 ):
-    """A prefix item (``item < num_prefix_items``) or a suffix item, each with its tile height."""
+    """A prefix item (``item < num_prefix_items``) or a suffix item, each with its tile height
+    (``PREFIX_OVERLAP``: prefix tiles with :func:`_attend_kv`'s ``OVERLAP``)."""
     if item < num_prefix_items:
         _attend_item(Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
                      item, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
                      stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
-                     GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE, HAS_KV_BASE)
+                     GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE, HAS_KV_BASE, PREFIX_OVERLAP)
     else:
         _attend_item(Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
                      item, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
@@ -378,7 +440,7 @@ def kernel_occupancy(
     device: torch.device, dtype: torch.dtype, head_dim: int, gqa_group_size: int, *,
     prefix_block_m: int = PREFIX_BLOCK_M, block_n: int | None = None, num_warps: int | None = None,
     num_stages: int | None = None, persistent: bool = False, has_kv_base: bool = False, plain: bool = False,
-    maxnreg: int | None = None,
+    maxnreg: int | None = None, prefix_overlap: bool = False,
 ) -> int:
     """Programs of the partial kernel resident at once on one multiprocessor (registers, shared
     memory, threads), from the compiled kernel for this configuration (compiled here if needed);
@@ -402,7 +464,8 @@ def kernel_occupancy(
         GQA=gqa_group_size, NUM_KV_HEADS=1, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         PREFIX_BLOCK_M=prefix_block_m, SUFFIX_BLOCK_M=suffix_block_m_for(gqa_group_size), BLOCK_N=block_n,
         DOT_FP32=False, PERSISTENT=persistent, STORE_LSE=False, ROLE=0, HAS_KV_BASE=has_kv_base, MIX=False,
-        HW_SMID=True, num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
+        HW_SMID=True, PREFIX_OVERLAP=prefix_overlap and not plain, num_warps=num_warps, num_stages=num_stages,
+        **({"maxnreg": maxnreg} if maxnreg else {}),
         grid=(1, 1) if persistent else (1,),
     )
     compiled._init_handles()
@@ -465,6 +528,7 @@ def run_packed_cascade(
     mix: bool = False,
     mix_prefix_per_sm: int = 1,
     maxnreg: int | None = None,
+    prefix_overlap: bool = False,
 ) -> None:
     """Runs a planned step for one layer, writing ``out`` (and ``lse``) in place. Inputs unchecked:
     :func:`packed_cascade_attention` validates them. Rows of ``out`` past the plan's requests (padding
@@ -498,7 +562,7 @@ def run_packed_cascade(
             BLOCK_N=block_n or default_n,
             DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16, PERSISTENT=persistent,
             STORE_LSE=lse is not None, ROLE=role, HAS_KV_BASE=plan.kv_base is not None,
-            MIX=mix and not plain, HW_SMID=q.device.type == "cuda",
+            MIX=mix and not plain, HW_SMID=q.device.type == "cuda", PREFIX_OVERLAP=prefix_overlap and not plain,
             num_warps=num_warps or default_num_warps(prefix_block_m, head_dim),
             num_stages=num_stages or default_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         )

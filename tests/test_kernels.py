@@ -171,3 +171,20 @@ def test_mix_scheduling_equals_flat(launch, prefix_per_sm, structure):
         run_packed_cascade(q, k, v, plan, q.shape[-1] ** -0.5, out, mix=True, mix_prefix_per_sm=prefix_per_sm)
         assert torch.isfinite(out).all() and rel_err(out, ref) < TOL[torch.float16]
         assert not _sched_buffer(q.device).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("launch", ["flat", "persistent"])
+@pytest.mark.parametrize("prefix_chunk", [64, 192, 1024])  # 1, 3 and up to 10 whole blocks per prefix item
+def test_prefix_overlap_equals_flat(launch, prefix_chunk, dtype):
+    """The prefix-overlap experiment (scores of the next block issued before this block's softmax)
+    on prefixes of 1 to 10 whole blocks plus partial tails, with and without a tail."""
+    args = make_batch([3, 1, 2], [640, 0, 701], [5, 1, 17, 9, 0, 3], 8, 2, 64, dtype)
+    q, k, v = args[:3]
+    plan = plan_packed_cascade(*args[3:], 8, 2, prefix_chunk=prefix_chunk, suffix_chunk=64)
+    if launch == "persistent":
+        plan = plan._replace(num_programs=3)
+    out = torch.full_like(q, float("nan"))
+    run_packed_cascade(q, k, v, plan, q.shape[-1] ** -0.5, out, prefix_overlap=True)
+    ref = packed_cascade_attention_ref(*args, q.shape[-1] ** -0.5)[0]
+    assert torch.isfinite(out).all() and rel_err(out, ref) < TOL[dtype]
