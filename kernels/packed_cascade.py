@@ -169,12 +169,16 @@ def _attend_kv(
     stride_kt, stride_kh, stride_vt, stride_vh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, CONTIGUOUS: tl.constexpr, OVERLAP: tl.constexpr = False,
+    PREFETCH_SLOTS: tl.constexpr = False,
 ):
     """Online softmax of a tile's rows ``q`` over one KV chunk: whole blocks, then the partial last
     one; returns ``(m_i, l_i, acc)`` (``m_i`` in base 2, ``acc`` unnormalized). ``OVERLAP`` (an
     experiment, FlashAttention-3's intra-warpgroup pipelining, Sec. 3.2): the scores of block
     ``i + 1`` are issued before the softmax of block ``i``, so the tensor cores compute them while
-    the softmax runs."""
+    the softmax runs. ``PREFETCH_SLOTS`` (an experiment, index-list chunks): the next block's slot
+    ids are loaded into registers one iteration ahead. Triton 3.6 then pipelines the K/V copies 3
+    deep on sm_90 (``async_wait num = 2``); through its own shared-memory copy of the slot ids it
+    waits for every copy at each block (``num = 0``)."""
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -194,6 +198,18 @@ def _attend_kv(
                 qk = qk_next
             v = _load_rows(V_Buffer, KV_Indices, kv_start, kv_base, kv_full - BLOCK_N, kv_head, stride_vt,
                            stride_vh, HEAD_DIM, BLOCK_D, BLOCK_N, CONTIGUOUS)
+            m_i, l_i, acc = _softmax_pv(qk, v, m_i, l_i, acc, DOT_FP32)
+    elif PREFETCH_SLOTS and not CONTIGUOUS and BLOCK_D == HEAD_DIM:
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        slots_next = tl.load(KV_Indices + kv_start + offs_n, mask=offs_n < kv_full, other=0)
+        for start_n in range(0, kv_full, BLOCK_N):
+            slots = slots_next.to(tl.int64)
+            nxt = start_n + BLOCK_N + offs_n
+            slots_next = tl.load(KV_Indices + kv_start + nxt, mask=nxt < kv_full, other=0)
+            k = tl.load(K_Buffer + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :])
+            v = tl.load(V_Buffer + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :])
+            qk = _scores(q, k, sm_scale_log2, DOT_FP32)
             m_i, l_i, acc = _softmax_pv(qk, v, m_i, l_i, acc, DOT_FP32)
     else:
         for start_n in range(0, kv_full, BLOCK_N):  # whole blocks: no masks, so the loads pipeline freely
@@ -215,7 +231,7 @@ def _attend_item(
     stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
     GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, STORE_LSE: tl.constexpr,
-    HAS_KV_BASE: tl.constexpr, OVERLAP: tl.constexpr = False,
+    HAS_KV_BASE: tl.constexpr, OVERLAP: tl.constexpr = False, PREFETCH_SLOTS: tl.constexpr = False,
 ):
     """One work item (a tile of query rows against one KV chunk) for one KV head. Rows of a
     request with one partial in the plan are final: written to ``Out`` (and ``LSE_Out``) here.
@@ -240,15 +256,15 @@ def _attend_item(
         if kv_base >= 0:  # one run of consecutive slots (a compacted prefix, a placed suffix)
             m_i, l_i, acc = _attend_kv(q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, kv_base, kv_head,
                                        sm_scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
-                                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_FP32, True, OVERLAP)
+                                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_FP32, True, OVERLAP, PREFETCH_SLOTS)
         else:
             m_i, l_i, acc = _attend_kv(q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, kv_base, kv_head,
                                        sm_scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
-                                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_FP32, False, OVERLAP)
+                                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_FP32, False, OVERLAP, PREFETCH_SLOTS)
     else:
         m_i, l_i, acc = _attend_kv(q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, kv_start, kv_head,
                                    sm_scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
-                                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_FP32, False, OVERLAP)
+                                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_FP32, False, OVERLAP, PREFETCH_SLOTS)
 
     first = tl.load(Merge_Indptr + tok, mask=mask_m, other=0)
     final = mask_m & (tl.load(Merge_Indptr + tok + 1, mask=mask_m, other=0) - first == 1)
@@ -323,6 +339,7 @@ def _packed_attn_partial_kernel(
     PREFIX_BLOCK_M: tl.constexpr, SUFFIX_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, PERSISTENT: tl.constexpr, STORE_LSE: tl.constexpr, ROLE: tl.constexpr,
     HAS_KV_BASE: tl.constexpr, MIX: tl.constexpr, HW_SMID: tl.constexpr, PREFIX_OVERLAP: tl.constexpr,
+    GATHER_PREFETCH: tl.constexpr,
 ):
     """Prefix items (``PREFIX_BLOCK_M`` rows: a group's requests x GQA) then suffix items
     (``SUFFIX_BLOCK_M`` rows: one request x GQA), all in one launch. ``Counts`` holds
@@ -358,7 +375,7 @@ def _packed_attn_partial_kernel(
                         LSE_Out, unit // NUM_KV_HEADS, num_prefix_items, unit % NUM_KV_HEADS, sm_scale_log2,
                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_pr, stride_ph,
                         stride_lr, stride_ot, stride_oh, stride_lt, GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M,
-                        SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE, HAS_KV_BASE, PREFIX_OVERLAP)
+                        SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE, HAS_KV_BASE, PREFIX_OVERLAP, GATHER_PREFETCH)
             if is_prefix:
                 tl.atomic_add(running, -1)
             if PERSISTENT:
@@ -377,14 +394,14 @@ def _packed_attn_partial_kernel(
                         LSE_Out, item, num_prefix_items, tl.program_id(1), sm_scale_log2, stride_qt, stride_qh,
                         stride_kt, stride_kh, stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot, stride_oh,
                         stride_lt, GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32,
-                        STORE_LSE, HAS_KV_BASE, PREFIX_OVERLAP)
+                        STORE_LSE, HAS_KV_BASE, PREFIX_OVERLAP, GATHER_PREFETCH)
     else:
         unit = tl.program_id(0)
         _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
                     unit // NUM_KV_HEADS, num_prefix_items, unit % NUM_KV_HEADS, sm_scale_log2, stride_qt, stride_qh,
                     stride_kt, stride_kh, stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot,
                     stride_oh, stride_lt, GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, SUFFIX_BLOCK_M, BLOCK_N,
-                    DOT_FP32, STORE_LSE, HAS_KV_BASE, PREFIX_OVERLAP)
+                    DOT_FP32, STORE_LSE, HAS_KV_BASE, PREFIX_OVERLAP, GATHER_PREFETCH)
 
 
 @triton.jit
@@ -396,19 +413,22 @@ def _attend_any(
     GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PREFIX_BLOCK_M: tl.constexpr, SUFFIX_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, STORE_LSE: tl.constexpr, HAS_KV_BASE: tl.constexpr, PREFIX_OVERLAP: tl.constexpr,
+    GATHER_PREFETCH: tl.constexpr,
 ):
     """A prefix item (``item < num_prefix_items``) or a suffix item, each with its tile height
-    (``PREFIX_OVERLAP``: prefix tiles with :func:`_attend_kv`'s ``OVERLAP``)."""
+    (``PREFIX_OVERLAP``: prefix tiles with :func:`_attend_kv`'s ``OVERLAP``; ``GATHER_PREFETCH``:
+    both with its ``PREFETCH_SLOTS``)."""
     if item < num_prefix_items:
         _attend_item(Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
                      item, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
                      stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
-                     GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE, HAS_KV_BASE, PREFIX_OVERLAP)
+                     GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE, HAS_KV_BASE, PREFIX_OVERLAP, GATHER_PREFETCH)
     else:
         _attend_item(Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
                      item, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
                      stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
-                     GQA, HEAD_DIM, BLOCK_D, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE, HAS_KV_BASE)
+                     GQA, HEAD_DIM, BLOCK_D, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE, HAS_KV_BASE, False,
+                     GATHER_PREFETCH)
 
 
 SCHED_SLOTS = 1024  # per-multiprocessor counters of the MIX scheduler (above any %smid)
@@ -440,7 +460,7 @@ def kernel_occupancy(
     device: torch.device, dtype: torch.dtype, head_dim: int, gqa_group_size: int, *,
     prefix_block_m: int = PREFIX_BLOCK_M, block_n: int | None = None, num_warps: int | None = None,
     num_stages: int | None = None, persistent: bool = False, has_kv_base: bool = False, plain: bool = False,
-    maxnreg: int | None = None, prefix_overlap: bool = False,
+    maxnreg: int | None = None, prefix_overlap: bool = False, gather_prefetch: bool = False,
 ) -> int:
     """Programs of the partial kernel resident at once on one multiprocessor (registers, shared
     memory, threads), from the compiled kernel for this configuration (compiled here if needed);
@@ -464,7 +484,8 @@ def kernel_occupancy(
         GQA=gqa_group_size, NUM_KV_HEADS=1, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         PREFIX_BLOCK_M=prefix_block_m, SUFFIX_BLOCK_M=suffix_block_m_for(gqa_group_size), BLOCK_N=block_n,
         DOT_FP32=False, PERSISTENT=persistent, STORE_LSE=False, ROLE=0, HAS_KV_BASE=has_kv_base, MIX=False,
-        HW_SMID=True, PREFIX_OVERLAP=prefix_overlap and not plain, num_warps=num_warps, num_stages=num_stages,
+        HW_SMID=True, PREFIX_OVERLAP=prefix_overlap and not plain, GATHER_PREFETCH=gather_prefetch,
+        num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),
         grid=(1, 1) if persistent else (1,),
     )
@@ -529,6 +550,7 @@ def run_packed_cascade(
     mix_prefix_per_sm: int = 1,
     maxnreg: int | None = None,
     prefix_overlap: bool = False,
+    gather_prefetch: bool = False,
 ) -> None:
     """Runs a planned step for one layer, writing ``out`` (and ``lse``) in place. Inputs unchecked:
     :func:`packed_cascade_attention` validates them. Rows of ``out`` past the plan's requests (padding
@@ -563,7 +585,7 @@ def run_packed_cascade(
             DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16, PERSISTENT=persistent,
             STORE_LSE=lse is not None, ROLE=role, HAS_KV_BASE=plan.kv_base is not None,
             MIX=mix and not plain, HW_SMID=q.device.type == "cuda", PREFIX_OVERLAP=prefix_overlap and not plain,
-            num_warps=num_warps or default_num_warps(prefix_block_m, head_dim),
+            GATHER_PREFETCH=gather_prefetch, num_warps=num_warps or default_num_warps(prefix_block_m, head_dim),
             num_stages=num_stages or default_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         )
 

@@ -49,6 +49,8 @@ TILE_VARIANTS = [
     # 9-11: the H200 sweep's best for B256_P0_S1024 (259 us: 128-token blocks, 2 stages, 64-row tile)
     {"pbm": 64, "w": 4, "st": 2, "n": 128}, {"pbm": 16, "w": 4, "st": 2, "n": 128},
     {"pbm": 16, "w": 4, "st": 2, "n": 128, "nosplit": True},
+    # 12-13: the H200 plain launch and the default one with slot ids prefetched (gather_prefetch)
+    {"pbm": 16, "w": 4, "st": 2, "n": 128, "gp": True}, {"pbm": 16, "w": 4, "st": 3, "n": 64, "gp": True},
 ]
 
 
@@ -74,6 +76,10 @@ PREFIX_VARIANTS = [
     # still waits for that wgmma at once, but the K/V copies then wait with one group in flight
     # instead of none (TTGIR; 215 registers, 96.5 KB, 2 programs per SM)
     {"pbm": 64, "w": 4, "st": 3, "n": 64, "overlap": True},
+    # 16: slot ids of index-list chunks loaded a block ahead in registers (gather_prefetch): K/V
+    # copies pipelined 3 deep on sm_90 instead of awaited at every block (TTGIR; 196 registers,
+    # 112 KB, 2 programs per SM), prefix and suffix tiles alike
+    {"pbm": 64, "w": 4, "st": 3, "n": 64, "gp": True},
 ]
 
 
@@ -85,7 +91,8 @@ MERGE_VARIANTS = [{"bp": 1}, {"bp": 4}, {"bp": 8}, {"bp": 16}]
 MIX_CASES = ("B64_P4096_S256,B128_P4096_S256,B256_P2048_S256,B256_P4096_S256,B64_P4096_S1024,B32_P8192_S1024,"
              "B64_P16384_S256,B64_P4096_S32,B64_P4096_S256_qwen2.5-7b,B64_P4096_S256_llama3-70b-tp8,B64_P256_S256,"
              "B16_P2048_S512,B256_P2048_S256_zipf16_het,B64_P4096_S256_mha-32")
-MIX_VARIANTS = [{"mix": False}, {"mix": True, "pps": 1}, {"mix": True, "pps": 2}, {"mix": True, "pps": 0}]
+MIX_VARIANTS = [{"mix": False}, {"mix": True, "pps": 1}, {"mix": True, "pps": 2}, {"mix": True, "pps": 0},
+                {"mix": False, "gp": True}, {"mix": True, "pps": 1, "gp": True}]
 
 PLANNER_CASES = ("B64_P256_S256,B64_P1024_S256,B128_P1024_S128,B512_P1024_S128,B8_P512_S64,B16_P2048_S512,"
                  "B64_P4096_S256,B64_P4096_S32,B256_P2048_S256,B32_P8192_S1024,B64_P4096_S256_llama3-70b-tp8,"
@@ -95,16 +102,16 @@ PLANNER_VARIANTS = [{"ovh": 32, "prow": 2}, {"ovh": 16, "prow": 2}, {"ovh": 64, 
 
 
 def time_variant(kern, inp, ref, tol, *, pbm=64, w=4, st=3, n=64, nosplit=False, pmult=1, persistent=False,
-                 merge=False, bp=1, maxnreg=None, overlap=False) -> dict:
+                 merge=False, bp=1, maxnreg=None, overlap=False, gp=False) -> dict:
     """Plans and runs ours with the given launch (``pbm``: the kernel's ``PREFIX_BLOCK_M``; ``bp``:
     partials a merge program loads at once, 1 as before the blocked merge)."""
     from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of
     dev, num_kv_heads = inp.q.device, inp.k_buffer.shape[1]
     launch = {"block_n": n, "num_warps": w, "num_stages": st, "merge_block_p": bp, "maxnreg": maxnreg,
-              "prefix_overlap": overlap}
+              "prefix_overlap": overlap, "gather_prefetch": gp}
     occ = kernel_occupancy(dev, inp.k_buffer.dtype, inp.q.shape[2], inp.q.shape[1] // num_kv_heads,
                            prefix_block_m=pbm, persistent=persistent, block_n=n, num_warps=w, num_stages=st,
-                           maxnreg=maxnreg, prefix_overlap=overlap)
+                           maxnreg=maxnreg, prefix_overlap=overlap, gather_prefetch=gp)
     plan = kern.plan_packed_cascade(*inp[3:8], inp.q.shape[1], num_kv_heads, waves=occ, prefix_block_m=pbm,
                                     kv_align=n, **({"suffix_chunk": 1 << 20} if nosplit else {}))
     if pmult != 1 and plan.has_prefix:  # the same plan with prefix chunks pmult times longer
@@ -174,7 +181,7 @@ def time_planner(kern, inp, ref, tol, *, ovh=32, prow=2, persistent=False) -> di
             "suffix_chunk": work.suffix_chunk, "rel_err": err, "us": bk.time_us(run, 5.0) if err <= tol else None}
 
 
-def time_mix(kern, inp, ref, tol, *, mix=False, pps=1, persistent=False) -> dict:
+def time_mix(kern, inp, ref, tol, *, mix=False, pps=1, gp=False, persistent=False) -> dict:
     """Ours with the default plan and launch, or with the MIX scheduler (``pps``: prefix units per
     multiprocessor at once); persistent launches get the graphs' program count."""
     from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of
@@ -188,7 +195,7 @@ def time_mix(kern, inp, ref, tol, *, mix=False, pps=1, persistent=False) -> dict
 
     def run():
         kern.run_packed_cascade(inp.q, inp.k_buffer, inp.v_buffer, plan, inp.sm_scale, out, mix=mix,
-                                mix_prefix_per_sm=pps)
+                                mix_prefix_per_sm=pps, gather_prefetch=gp)
     run()
     err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
     return {"items": plan.num_items, "rel_err": err, "unwritten": int(torch.isnan(out).sum()),
@@ -238,7 +245,7 @@ def main(argv=None) -> int:
                 rows.append({"case": name, **var, "persistent": persistent, **r})
         planner._chunk_major, planner._longest_first = orders["both"]
         mine = [r for r in rows if r["case"] == name]
-        print(name, " ".join(f"{'/'.join(str(v) for k, v in r.items() if k in ('order', 'pbm', 'w', 'st', 'n', 'bp', 'ovh', 'prow', 'mix', 'pps', 'maxnreg', 'overlap'))}"
+        print(name, " ".join(f"{'/'.join(str(v) for k, v in r.items() if k in ('order', 'pbm', 'w', 'st', 'n', 'bp', 'ovh', 'prow', 'mix', 'pps', 'maxnreg', 'overlap', 'gp'))}"
                              f"{'/ns' if r.get('nosplit') else ''}{'/x2' if r.get('pmult', 1) != 1 else ''}{'P' if r['persistent'] else 'F'}:"
                              f"{r['us'] or float('nan'):.1f}" for r in mine), flush=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)

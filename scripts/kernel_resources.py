@@ -27,13 +27,14 @@ from triton.backends.compiler import GPUTarget
 POINTERS = {"Q": "*bf16", "K_Buffer": "*bf16", "V_Buffer": "*bf16", "Out": "*bf16", "O_Partial": "*fp32",
             "LSE_Partial": "*fp32", "LSE_Out": "*fp32", "KV_Indices": "*i32", "KV_Base": "*i32", "Items": "*i32",
             "Counts": "*i32", "Merge_Indptr": "*i32", "Sched": "*i32"}
-DEFAULT_VARIANTS = ("", "persistent=1", "mix=1", "mix=1,persistent=1", "overlap=1", "overlap=1,persistent=1",
+DEFAULT_VARIANTS = ("", "persistent=1", "prefetch=1", "prefetch=1,persistent=1", "mix=1", "mix=1,persistent=1",
+                    "overlap=1", "overlap=1,persistent=1",
                     "block_n=128,stages=2,pbm=16", "stages=2", "pbm=128,warps=8")
 REGS_PER_SM, SMEM_PER_SM, SMEM_RESERVED = 65536, 227 * 1024, 1024
 
 
 def compile_variant(arch: int, *, gqa=4, kv_heads=8, head_dim=128, pbm=64, block_n=64, stages=3, warps=4,
-                    persistent=0, mix=0, kv_base=0, maxnreg=0, overlap=0) -> dict:
+                    persistent=0, mix=0, kv_base=0, maxnreg=0, overlap=0, prefetch=0) -> dict:
     """Compiles one variant; returns its resources and the programs per multiprocessor they allow."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("kernel_resources.py compiles for the GPU: unset TRITON_INTERPRET")
@@ -43,7 +44,7 @@ def compile_variant(arch: int, *, gqa=4, kv_heads=8, head_dim=128, pbm=64, block
     const = dict(GQA=gqa, NUM_KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
                  PREFIX_BLOCK_M=pbm, SUFFIX_BLOCK_M=pc.suffix_block_m_for(gqa), BLOCK_N=block_n, DOT_FP32=False,
                  PERSISTENT=bool(persistent), STORE_LSE=False, ROLE=0, HAS_KV_BASE=bool(kv_base), MIX=bool(mix),
-                 HW_SMID=True, PREFIX_OVERLAP=bool(overlap))
+                 HW_SMID=True, PREFIX_OVERLAP=bool(overlap), GATHER_PREFETCH=bool(prefetch))
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "sm_scale_log2" else "i32")
            for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in POINTERS or n.startswith("stride")}
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: Hopper)")
     p.add_argument("--variants", nargs="*", default=list(DEFAULT_VARIANTS),
                    help="key=value lists (gqa, kv_heads, head_dim, pbm, block_n, stages, warps, persistent, mix, "
-                        "kv_base, maxnreg: a register cap, 0 none; overlap: prefix scores issued a block ahead); empty: the "
+                        "kv_base, maxnreg: a register cap, 0 none; overlap: prefix scores issued a block ahead; prefetch: slot ids a block ahead); empty: the "
                         "default launch")
     args = p.parse_args(argv)
     print(f"| variant (sm_{args.arch}) | registers | stack B | shared KB | programs/SM |\n|---|---:|---:|---:|---:|")

@@ -188,3 +188,20 @@ def test_prefix_overlap_equals_flat(launch, prefix_chunk, dtype):
     run_packed_cascade(q, k, v, plan, q.shape[-1] ** -0.5, out, prefix_overlap=True)
     ref = packed_cascade_attention_ref(*args, q.shape[-1] ** -0.5)[0]
     assert torch.isfinite(out).all() and rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("launch", ["flat", "persistent"])
+@pytest.mark.parametrize("structure", list(STRUCTURES))
+def test_gather_prefetch_equals_flat(launch, structure):
+    """The slot-prefetch experiment (index-list chunks read their next block's slot ids a block
+    ahead) on every structure, chunks of 1 to 3 whole blocks, tails and empty whole-block ranges."""
+    for dtype, heads, chunk in ((torch.float16, (8, 2), 64), (torch.bfloat16, (7, 1), 192)):
+        args = make_batch(*STRUCTURES[structure], *heads, 64, dtype)
+        q, k, v = args[:3]
+        plan = plan_packed_cascade(*args[3:], *heads, prefix_chunk=chunk, suffix_chunk=chunk)
+        if launch == "persistent":
+            plan = plan._replace(num_programs=3)
+        out = torch.full_like(q, float("nan"))
+        run_packed_cascade(q, k, v, plan, q.shape[-1] ** -0.5, out, gather_prefetch=True)
+        ref = packed_cascade_attention_ref(*args, q.shape[-1] ** -0.5)[0]
+        assert torch.isfinite(out).all() and rel_err(out, ref) < TOL[dtype]
