@@ -311,11 +311,10 @@ def _take_unit(Sched, running, prefix_units, suffix_units, prefix_per_sm):
         t = tl.atomic_add(Sched + 1, 1)
         if t < suffix_units:
             unit = prefix_units + t
-    if unit < 0:
-        if want_prefix == 0:
-            t = tl.atomic_add(Sched, 1)
-            if t < prefix_units:
-                unit = t
+    if (unit < 0) & (want_prefix == 0):
+        t = tl.atomic_add(Sched, 1)
+        if t < prefix_units:
+            unit = t
     return unit
 
 

@@ -41,10 +41,11 @@ def compile_variant(arch: int, *, gqa=4, kv_heads=8, head_dim=128, pbm=64, block
     from packinfer_sglang.kernels import packed_cascade as pc
     fn = pc._packed_attn_partial_kernel
     names = list(inspect.signature(fn.fn).parameters)
-    const = dict(GQA=gqa, NUM_KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-                 PREFIX_BLOCK_M=pbm, SUFFIX_BLOCK_M=pc.suffix_block_m_for(gqa), BLOCK_N=block_n, DOT_FP32=False,
-                 PERSISTENT=bool(persistent), STORE_LSE=False, ROLE=0, HAS_KV_BASE=bool(kv_base), MIX=bool(mix),
-                 HW_SMID=True, PREFIX_OVERLAP=bool(overlap), GATHER_PREFETCH=bool(prefetch))
+    const = {"GQA": gqa, "NUM_KV_HEADS": kv_heads, "HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim),
+             "PREFIX_BLOCK_M": pbm, "SUFFIX_BLOCK_M": pc.suffix_block_m_for(gqa), "BLOCK_N": block_n,
+             "DOT_FP32": False, "PERSISTENT": bool(persistent), "STORE_LSE": False, "ROLE": 0,
+             "HAS_KV_BASE": bool(kv_base), "MIX": bool(mix), "HW_SMID": True, "PREFIX_OVERLAP": bool(overlap),
+             "GATHER_PREFETCH": bool(prefetch)}
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "sm_scale_log2" else "i32")
            for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in POINTERS or n.startswith("stride")}

@@ -90,8 +90,9 @@ def test_graph_buffers_replay_any_plan(padding, plain_waves):
 
 def test_graph_plan_is_coarsened_to_capacity(monkeypatch):
     """A batch whose natural plan needs more partials than the buffers hold still fits, exactly."""
-    from packinfer_sglang import decode_step
     from packinfer_sglang.kernels import plan as planner
+
+    from packinfer_sglang import decode_step
     # free items and 32-token chunks (the H200's plain launch aligns to 128, longer than these
     # requests): the natural plan splits every request
     monkeypatch.setattr(planner, "ITEM_OVERHEAD_TOKENS", 0)

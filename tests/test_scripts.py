@@ -154,7 +154,7 @@ def test_kernel_resources_compiles_for_hopper_without_a_gpu():
     import subprocess
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(REPO / "scripts" / "kernel_resources.py"), "--variants", "", "pbm=16",
-                          "mix=1,persistent=1"], env=env, capture_output=True, text=True, timeout=600)
+                          "mix=1,persistent=1"], env=env, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:6]]
             for line in run.stdout.splitlines() if line.startswith("| ") and "variant" not in line}
