@@ -173,9 +173,10 @@ def _attend_kv(
 ):
     """Online softmax of a tile's rows ``q`` over one KV chunk: whole blocks, then the partial last
     one; returns ``(m_i, l_i, acc)`` (``m_i`` in base 2, ``acc`` unnormalized). ``OVERLAP`` (an
-    experiment, FlashAttention-3's intra-warpgroup pipelining, Sec. 3.2): the scores of block
-    ``i + 1`` are issued before the softmax of block ``i``, so the tensor cores compute them while
-    the softmax runs. ``PREFETCH_SLOTS`` (an experiment, index-list chunks): the next block's slot
+    experiment after FlashAttention-3's intra-warpgroup pipelining, Sec. 3.2): the scores of block
+    ``i + 1`` are issued before the softmax of block ``i``, meant for the tensor cores to compute
+    them while the softmax runs; Triton 3.6 on sm_90 still waits for that wgmma at once, and only
+    the K/V copies gain a group in flight (benchmarks/NOTES.md, session 8). ``PREFETCH_SLOTS`` (an experiment, index-list chunks): the next block's slot
     ids are loaded into registers one iteration ahead. Triton 3.6 then pipelines the K/V copies 3
     deep on sm_90 (``async_wait num = 2``); through its own shared-memory copy of the slot ids it
     waits for every copy at each block (``num = 0``)."""
