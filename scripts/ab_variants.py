@@ -80,6 +80,9 @@ PREFIX_VARIANTS = [
     # copies pipelined 3 deep on sm_90 instead of awaited at every block (TTGIR; 196 registers,
     # 112 KB, 2 programs per SM), prefix and suffix tiles alike
     {"pbm": 64, "w": 4, "st": 3, "n": 64, "gp": True},
+    # 17: 128-row tiles (two warpgroups on one K/V block) with the slot prefetch: lost 10-40% on the
+    # H100 with the unpipelined gather loop and 1 program per SM (228 registers), which stays
+    {"pbm": 128, "w": 8, "st": 3, "n": 64, "gp": True},
 ]
 
 
