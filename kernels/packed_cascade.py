@@ -68,6 +68,28 @@ def launch_config(device: torch.device, plain: bool) -> tuple[int, int]:
 
 
 @triton.jit
+def _block_slots(KV_Indices, kv_start, kv_base, start_n, BLOCK_N: tl.constexpr, CONTIGUOUS: tl.constexpr):
+    """Pool slots (int64) of the whole block at positions ``start_n + [0, BLOCK_N)`` of a chunk: ``kv_base
+    + offset`` when ``CONTIGUOUS``, else from the index list ``KV_Indices[kv_start:]``."""
+    offs_n = tl.arange(0, BLOCK_N)
+    if CONTIGUOUS:
+        return kv_base.to(tl.int64) + start_n + offs_n
+    else:
+        return tl.load(KV_Indices + kv_start + start_n + offs_n).to(tl.int64)
+
+
+@triton.jit
+def _load_rows(Buffer, slots, kv_head, stride_t, stride_h, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """K or V rows of ``kv_head`` at ``slots`` (head dimensions past ``HEAD_DIM`` read as 0)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = Buffer + slots[:, None] * stride_t + kv_head * stride_h + offs_d[None, :]
+    if BLOCK_D == HEAD_DIM:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+
+
+@triton.jit
 def _attend_block(
     q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, kv_base, start_n, kv_head, sm_scale_log2, m_i, l_i, acc,
     stride_kt, stride_kh, stride_vt, stride_vh,
@@ -79,70 +101,33 @@ def _attend_block(
     (positions past ``kv_len`` masked); whole blocks load unmasked (``BLOCK_D == HEAD_DIM``).
     ``CONTIGUOUS``: the chunk is slots ``kv_base + [0, kv_len)``, addressed without loading slot ids;
     else its slots are ``KV_Indices[kv_start:][:kv_len]``."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    if CONTIGUOUS:
-        slots = kv_base.to(tl.int64) + start_n + offs_n
     if TAIL:
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
         mask_n = start_n + offs_n < kv_len
-        if not CONTIGUOUS:
+        if CONTIGUOUS:
+            slots = kv_base.to(tl.int64) + start_n + offs_n
+        else:
             slots = tl.load(KV_Indices + kv_start + start_n + offs_n, mask=mask_n, other=0).to(tl.int64)
         mask_kv = mask_n[:, None] & (offs_d < HEAD_DIM)[None, :]
         k = tl.load(K_Buffer + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
                     mask=mask_kv, other=0.0)
         v = tl.load(V_Buffer + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
                     mask=mask_kv, other=0.0)
-    elif BLOCK_D == HEAD_DIM:
-        if not CONTIGUOUS:
-            slots = tl.load(KV_Indices + kv_start + start_n + offs_n).to(tl.int64)
-        k = tl.load(K_Buffer + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :])
-        v = tl.load(V_Buffer + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :])
     else:
-        if not CONTIGUOUS:
-            slots = tl.load(KV_Indices + kv_start + start_n + offs_n).to(tl.int64)
-        mask_d = (offs_d < HEAD_DIM)[None, :]
-        k = tl.load(K_Buffer + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                    mask=mask_d, other=0.0)
-        v = tl.load(V_Buffer + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                    mask=mask_d, other=0.0)
-    if DOT_FP32:  # Triton's CPU interpreter multiplies bf16 wrongly (triton 3.6)
-        qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * sm_scale_log2
-    else:
-        qk = tl.dot(q, tl.trans(k)) * sm_scale_log2
+        slots = _block_slots(KV_Indices, kv_start, kv_base, start_n, BLOCK_N, CONTIGUOUS)
+        k = _load_rows(K_Buffer, slots, kv_head, stride_kt, stride_kh, HEAD_DIM, BLOCK_D)
+        v = _load_rows(V_Buffer, slots, kv_head, stride_vt, stride_vh, HEAD_DIM, BLOCK_D)
+    qk = _scores(q, k, sm_scale_log2, DOT_FP32)
     if TAIL:
         qk = tl.where(mask_n[None, :], qk, -float("inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.exp2(qk - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if DOT_FP32:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _load_rows(Buffer, KV_Indices, kv_start, kv_base, start_n, kv_head, stride_t, stride_h,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CONTIGUOUS: tl.constexpr):
-    """K or V rows of the whole block at positions ``start_n + [0, BLOCK_N)`` of a chunk (see
-    :func:`_attend_block` for ``CONTIGUOUS``)."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    if CONTIGUOUS:
-        slots = kv_base.to(tl.int64) + start_n + offs_n
-    else:
-        slots = tl.load(KV_Indices + kv_start + start_n + offs_n).to(tl.int64)
-    ptrs = Buffer + slots[:, None] * stride_t + kv_head * stride_h + offs_d[None, :]
-    if BLOCK_D == HEAD_DIM:
-        return tl.load(ptrs)
-    else:
-        return tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+    return _softmax_pv(qk, v, m_i, l_i, acc, DOT_FP32)
 
 
 @triton.jit
 def _scores(q, k, sm_scale_log2, DOT_FP32: tl.constexpr):
-    """``q k^T`` scaled to base 2."""
+    """``q k^T`` scaled to base 2 (``DOT_FP32``: in float32, as Triton 3.6's CPU interpreter
+    multiplies bf16 wrongly)."""
     if DOT_FP32:
         return tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * sm_scale_log2
     else:
@@ -176,40 +161,40 @@ def _attend_kv(
     experiment after FlashAttention-3's intra-warpgroup pipelining, Sec. 3.2): the scores of block
     ``i + 1`` are issued before the softmax of block ``i``, meant for the tensor cores to compute
     them while the softmax runs; Triton 3.6 on sm_90 still waits for that wgmma at once, and only
-    the K/V copies gain a group in flight (benchmarks/NOTES.md, session 8). ``PREFETCH_SLOTS`` (an experiment, index-list chunks): the next block's slot
-    ids are loaded into registers one iteration ahead. Triton 3.6 then pipelines the K/V copies 3
-    deep on sm_90 (``async_wait num = 2``); through its own shared-memory copy of the slot ids it
-    waits for every copy at each block (``num = 0``)."""
+    the K/V copies gain a group in flight (benchmarks/NOTES.md, session 8). ``PREFETCH_SLOTS`` (an
+    experiment, index-list chunks): the next block's slot ids are loaded into registers one
+    iteration ahead. Triton 3.6 then pipelines the K/V copies 3 deep on sm_90 (``async_wait num =
+    2``); through its own shared-memory copy of the slot ids it waits for every copy at each block
+    (``num = 0``)."""
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     kv_full = kv_len // BLOCK_N * BLOCK_N
     if OVERLAP:
         if kv_full > 0:
-            k = _load_rows(K_Buffer, KV_Indices, kv_start, kv_base, 0, kv_head, stride_kt, stride_kh,
-                           HEAD_DIM, BLOCK_D, BLOCK_N, CONTIGUOUS)
+            first = _block_slots(KV_Indices, kv_start, kv_base, 0, BLOCK_N, CONTIGUOUS)
+            k = _load_rows(K_Buffer, first, kv_head, stride_kt, stride_kh, HEAD_DIM, BLOCK_D)
             qk = _scores(q, k, sm_scale_log2, DOT_FP32)
             for start_n in range(0, kv_full - BLOCK_N, BLOCK_N):
-                k_next = _load_rows(K_Buffer, KV_Indices, kv_start, kv_base, start_n + BLOCK_N, kv_head, stride_kt,
-                                    stride_kh, HEAD_DIM, BLOCK_D, BLOCK_N, CONTIGUOUS)
+                slots_next = _block_slots(KV_Indices, kv_start, kv_base, start_n + BLOCK_N, BLOCK_N, CONTIGUOUS)
+                k_next = _load_rows(K_Buffer, slots_next, kv_head, stride_kt, stride_kh, HEAD_DIM, BLOCK_D)
                 qk_next = _scores(q, k_next, sm_scale_log2, DOT_FP32)
-                v = _load_rows(V_Buffer, KV_Indices, kv_start, kv_base, start_n, kv_head, stride_vt, stride_vh,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, CONTIGUOUS)
+                slots = _block_slots(KV_Indices, kv_start, kv_base, start_n, BLOCK_N, CONTIGUOUS)
+                v = _load_rows(V_Buffer, slots, kv_head, stride_vt, stride_vh, HEAD_DIM, BLOCK_D)
                 m_i, l_i, acc = _softmax_pv(qk, v, m_i, l_i, acc, DOT_FP32)
                 qk = qk_next
-            v = _load_rows(V_Buffer, KV_Indices, kv_start, kv_base, kv_full - BLOCK_N, kv_head, stride_vt,
-                           stride_vh, HEAD_DIM, BLOCK_D, BLOCK_N, CONTIGUOUS)
+            last = _block_slots(KV_Indices, kv_start, kv_base, kv_full - BLOCK_N, BLOCK_N, CONTIGUOUS)
+            v = _load_rows(V_Buffer, last, kv_head, stride_vt, stride_vh, HEAD_DIM, BLOCK_D)
             m_i, l_i, acc = _softmax_pv(qk, v, m_i, l_i, acc, DOT_FP32)
     elif PREFETCH_SLOTS and not CONTIGUOUS and BLOCK_D == HEAD_DIM:
         offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
         slots_next = tl.load(KV_Indices + kv_start + offs_n, mask=offs_n < kv_full, other=0)
         for start_n in range(0, kv_full, BLOCK_N):
             slots = slots_next.to(tl.int64)
             nxt = start_n + BLOCK_N + offs_n
             slots_next = tl.load(KV_Indices + kv_start + nxt, mask=nxt < kv_full, other=0)
-            k = tl.load(K_Buffer + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :])
-            v = tl.load(V_Buffer + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :])
+            k = _load_rows(K_Buffer, slots, kv_head, stride_kt, stride_kh, HEAD_DIM, BLOCK_D)
+            v = _load_rows(V_Buffer, slots, kv_head, stride_vt, stride_vh, HEAD_DIM, BLOCK_D)
             qk = _scores(q, k, sm_scale_log2, DOT_FP32)
             m_i, l_i, acc = _softmax_pv(qk, v, m_i, l_i, acc, DOT_FP32)
     else:

@@ -104,6 +104,20 @@ PLANNER_VARIANTS = [{"ovh": 32, "prow": 2}, {"ovh": 16, "prow": 2}, {"ovh": 64, 
                     {"ovh": 256, "prow": 2}, {"ovh": 64, "prow": 4}, {"ovh": 128, "prow": 4}]
 
 
+def run_checked(kern, inp, plan, ref, tol, **launch) -> tuple[torch.Tensor, dict]:
+    """Runs ours on ``plan`` with ``launch`` options into a NaN-poisoned output, checks it against the
+    fp32 oracle ``ref`` and, when within ``tol``, times it as ``bench_kernel.py`` does; returns the
+    output and ``{rel_err, unwritten, us}`` (``us`` None when wrong)."""
+    out = torch.full_like(inp.q, float("nan"))
+
+    def run():
+        kern.run_packed_cascade(inp.q, inp.k_buffer, inp.v_buffer, plan, inp.sm_scale, out, **launch)
+    run()
+    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    return out, {"rel_err": err, "unwritten": int(torch.isnan(out).sum()),
+                 "us": bk.time_us(run, 5.0) if err <= tol else None}
+
+
 def time_variant(kern, inp, ref, tol, *, pbm=64, w=4, st=3, n=64, nosplit=False, pmult=1, persistent=False,
                  merge=False, bp=1, maxnreg=None, overlap=False, gp=False) -> dict:
     """Plans and runs ours with the given launch (``pbm``: the kernel's ``PREFIX_BLOCK_M``; ``bp``:
@@ -129,14 +143,8 @@ def time_variant(kern, inp, ref, tol, *, pbm=64, w=4, st=3, n=64, nosplit=False,
         plan = plan._replace(num_programs=max(1, num_sms_of(dev) * occ // num_kv_heads))
     else:  # plan_packed_cascade launches plain plans with suffix tiles; force the asked-for tile
         plan = plan._replace(has_prefix=True, prefix_block_m=pbm)
-    out = torch.full_like(inp.q, float("nan"))
-
-    def run():
-        kern.run_packed_cascade(inp.q, inp.k_buffer, inp.v_buffer, plan, inp.sm_scale, out, **launch)
-    run()
-    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-    row = {"occupancy": occ, "items": plan.num_items, "partials": plan.num_partials, "rel_err": err,
-           "us": bk.time_us(run, 5.0) if err <= tol else None}
+    out, checked = run_checked(kern, inp, plan, ref, tol, **launch)
+    row = {"occupancy": occ, "items": plan.num_items, "partials": plan.num_partials, **checked}
     if merge:  # the merge launch alone, on this plan's partial buffers
         from packinfer_sglang.kernels.merge import merge_partials
         hq, d = inp.q.shape[1], inp.q.shape[2]
@@ -174,14 +182,8 @@ def time_planner(kern, inp, ref, tol, *, ovh=32, prow=2, persistent=False) -> di
                                  kv_align=launch_config(dev, plain)[0])
     finally:
         planner.ITEM_OVERHEAD_TOKENS, planner.PARTIAL_ROW_TOKENS = saved
-    out = torch.full_like(inp.q, float("nan"))
-
-    def run():
-        kern.run_packed_cascade(inp.q, inp.k_buffer, inp.v_buffer, plan, inp.sm_scale, out)
-    run()
-    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
     return {"items": plan.num_items, "partials": plan.num_partials, "prefix_chunk": work.prefix_chunk,
-            "suffix_chunk": work.suffix_chunk, "rel_err": err, "us": bk.time_us(run, 5.0) if err <= tol else None}
+            "suffix_chunk": work.suffix_chunk, **run_checked(kern, inp, plan, ref, tol)[1]}
 
 
 def time_mix(kern, inp, ref, tol, *, mix=False, pps=1, gp=False, persistent=False) -> dict:
@@ -194,15 +196,8 @@ def time_mix(kern, inp, ref, tol, *, mix=False, pps=1, gp=False, persistent=Fals
     if persistent:
         occ = kernel_occupancy(dev, dtype, head_dim, num_qo_heads // num_kv_heads, persistent=True)
         plan = plan._replace(num_programs=max(1, num_sms_of(dev) * occ // num_kv_heads))
-    out = torch.full_like(inp.q, float("nan"))
-
-    def run():
-        kern.run_packed_cascade(inp.q, inp.k_buffer, inp.v_buffer, plan, inp.sm_scale, out, mix=mix,
-                                mix_prefix_per_sm=pps, gather_prefetch=gp)
-    run()
-    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-    return {"items": plan.num_items, "rel_err": err, "unwritten": int(torch.isnan(out).sum()),
-            "us": bk.time_us(run, 5.0) if err <= tol else None}
+    return {"items": plan.num_items,
+            **run_checked(kern, inp, plan, ref, tol, mix=mix, mix_prefix_per_sm=pps, gather_prefetch=gp)[1]}
 
 
 def main(argv=None) -> int:

@@ -150,6 +150,25 @@ def test_launch_config_and_plan_alignment_follow_the_gpu():
         assert ((suffix_items[:, 2] - starts) % launch_config(dev, plain)[0] == 0).all()
 
 
+def check_launch(args, dtype, launch, repeats=1, after_each=lambda: None, chunks=(64, 64), **launch_opts):
+    """Runs ``args`` planned with ``(prefix_chunk, suffix_chunk)`` through ``run_packed_cascade`` with
+    ``launch_opts`` as a ``launch`` ("flat", "persistent": 3 programs per head, "graph_pair": 3 + 2 in
+    the graphs' pair of launches), ``repeats`` times; every output row must match the oracle."""
+    q, k, v = args[:3]
+    num_qo_heads, num_kv_heads = q.shape[1], k.shape[1]
+    plan = plan_packed_cascade(*args[3:], num_qo_heads, num_kv_heads, prefix_chunk=chunks[0], suffix_chunk=chunks[1])
+    if launch == "persistent":
+        plan = plan._replace(num_programs=3)
+    elif launch == "graph_pair":
+        plan = plan._replace(num_programs=3, plain_num_programs=2, has_prefix=True)
+    ref = packed_cascade_attention_ref(*args, q.shape[-1] ** -0.5)[0]
+    for _ in range(repeats):
+        out = torch.full_like(q, float("nan"))
+        run_packed_cascade(q, k, v, plan, q.shape[-1] ** -0.5, out, **launch_opts)
+        assert torch.isfinite(out).all() and rel_err(out, ref) < TOL[dtype]
+        after_each()
+
+
 @pytest.mark.parametrize("launch", ["flat", "persistent", "graph_pair"])
 @pytest.mark.parametrize("prefix_per_sm", [0, 1])  # 0: suffix units first (prefix when they run out)
 @pytest.mark.parametrize("structure", ["mixed", "one_group"])
@@ -158,19 +177,12 @@ def test_mix_scheduling_equals_flat(launch, prefix_per_sm, structure):
     unit exactly once, for every launch kind; the counters are left zeroed for the next launch
     (checked by running twice)."""
     from packinfer_sglang.kernels.packed_cascade import _sched_buffer
+
+    def counters_zeroed():
+        assert not _sched_buffer(torch.device(DEVICE)).any()
     args = make_batch(*STRUCTURES[structure], 8, 2, 64, torch.float16)
-    q, k, v = args[:3]
-    plan = plan_packed_cascade(*args[3:], 8, 2, prefix_chunk=64, suffix_chunk=64)
-    if launch == "persistent":
-        plan = plan._replace(num_programs=3)
-    elif launch == "graph_pair":
-        plan = plan._replace(num_programs=3, plain_num_programs=2, has_prefix=True)
-    ref = packed_cascade_attention_ref(*args, q.shape[-1] ** -0.5)[0]
-    for _ in range(2):
-        out = torch.full_like(q, float("nan"))
-        run_packed_cascade(q, k, v, plan, q.shape[-1] ** -0.5, out, mix=True, mix_prefix_per_sm=prefix_per_sm)
-        assert torch.isfinite(out).all() and rel_err(out, ref) < TOL[torch.float16]
-        assert not _sched_buffer(q.device).any()
+    check_launch(args, torch.float16, launch, repeats=2, after_each=counters_zeroed, mix=True,
+                 mix_prefix_per_sm=prefix_per_sm)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -180,14 +192,7 @@ def test_prefix_overlap_equals_flat(launch, prefix_chunk, dtype):
     """The prefix-overlap experiment (scores of the next block issued before this block's softmax)
     on prefixes of 1 to 10 whole blocks plus partial tails, with and without a tail."""
     args = make_batch([3, 1, 2], [640, 0, 701], [5, 1, 17, 9, 0, 3], 8, 2, 64, dtype)
-    q, k, v = args[:3]
-    plan = plan_packed_cascade(*args[3:], 8, 2, prefix_chunk=prefix_chunk, suffix_chunk=64)
-    if launch == "persistent":
-        plan = plan._replace(num_programs=3)
-    out = torch.full_like(q, float("nan"))
-    run_packed_cascade(q, k, v, plan, q.shape[-1] ** -0.5, out, prefix_overlap=True)
-    ref = packed_cascade_attention_ref(*args, q.shape[-1] ** -0.5)[0]
-    assert torch.isfinite(out).all() and rel_err(out, ref) < TOL[dtype]
+    check_launch(args, dtype, launch, chunks=(prefix_chunk, 64), prefix_overlap=True)
 
 
 @pytest.mark.parametrize("launch", ["flat", "persistent"])
@@ -197,11 +202,4 @@ def test_gather_prefetch_equals_flat(launch, structure):
     ahead) on every structure, chunks of 1 to 3 whole blocks, tails and empty whole-block ranges."""
     for dtype, heads, chunk in ((torch.float16, (8, 2), 64), (torch.bfloat16, (7, 1), 192)):
         args = make_batch(*STRUCTURES[structure], *heads, 64, dtype)
-        q, k, v = args[:3]
-        plan = plan_packed_cascade(*args[3:], *heads, prefix_chunk=chunk, suffix_chunk=chunk)
-        if launch == "persistent":
-            plan = plan._replace(num_programs=3)
-        out = torch.full_like(q, float("nan"))
-        run_packed_cascade(q, k, v, plan, q.shape[-1] ** -0.5, out, gather_prefetch=True)
-        ref = packed_cascade_attention_ref(*args, q.shape[-1] ** -0.5)[0]
-        assert torch.isfinite(out).all() and rel_err(out, ref) < TOL[dtype]
+        check_launch(args, dtype, launch, chunks=(chunk, chunk), gather_prefetch=True)
