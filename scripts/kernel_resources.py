@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -86,12 +87,27 @@ def main(argv=None) -> int:
                    help="key=value lists (gqa, kv_heads, head_dim, pbm, block_n, stages, warps, persistent, mix, "
                         "kv_base, maxnreg: a register cap, 0 none; overlap: prefix scores issued a block ahead; prefetch: slot ids a block ahead); empty: the "
                         "default launch")
+    p.add_argument("--out", type=Path, help="also write this JSON (and its .md): the rows, Triton's version")
     args = p.parse_args(argv)
-    print(f"| variant (sm_{args.arch}) | registers | stack B | shared KB | programs/SM |\n|---|---:|---:|---:|---:|")
+    lines = [f"| variant (sm_{args.arch}) | registers | stack B | shared KB | programs/SM |", "|---|---:|---:|---:|---:|"]
+    print("\n".join(lines))
+    rows = []
     for text in args.variants:
-        r = compile_variant(args.arch, **parse_variant(text))
-        print(f"| {text or 'default'} | {r['regs']} | {r['stack_bytes']} | {r['shared_bytes'] / 1024:.1f} | "
-              f"{r['programs_per_sm']} |", flush=True)
+        r = {"variant": text or "default", **compile_variant(args.arch, **parse_variant(text))}
+        rows.append(r)
+        lines.append(f"| {r['variant']} | {r['regs']} | {r['stack_bytes']} | {r['shared_bytes'] / 1024:.1f} | "
+                     f"{r['programs_per_sm']} |")
+        print(lines[-1], flush=True)
+    if args.out:
+        import datetime
+        import json
+        meta = {"arch": f"sm_{args.arch}", "triton": triton.__version__, "gpu": None,
+                "method": "compiled offline with Triton's bundled ptxas, no GPU; resources from cuobjdump",
+                "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(
+            f"# Packed kernel resources, sm_{args.arch} (offline compile)\n\ntriton {meta['triton']}; "
+            f"{meta['date']}; {meta['method']}\n\n" + "\n".join(lines) + "\n")
     return 0
 
 
