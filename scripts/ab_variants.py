@@ -200,6 +200,19 @@ def time_mix(kern, inp, ref, tol, *, mix=False, pps=1, gp=False, persistent=Fals
             **run_checked(kern, inp, plan, ref, tol, mix=mix, mix_prefix_per_sm=pps, gather_prefetch=gp)[1]}
 
 
+def run_one(study, kern, inp, ref, tol, var, persistent, orders, planner, case) -> dict:
+    """One variant of ``study`` on one case, flat or persistent: its row fields."""
+    if study == "order":
+        planner._chunk_major, planner._longest_first = orders[var["order"]]
+        return time_variant(kern, inp, ref, tol, persistent=persistent)
+    if study == "planner":
+        return time_planner(kern, inp, ref, tol, persistent=persistent, **var)
+    if study == "mix":
+        return time_mix(kern, inp, ref, tol, persistent=persistent, **var)
+    plain = {"pbm": 16} if study == "merge" and case.prefix_len == 0 else {}  # serving's tiles
+    return time_variant(kern, inp, ref, tol, persistent=persistent, merge=study in ("prefix", "merge"), **var, **plain)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--study", choices=("order", "tiles", "prefix", "merge", "planner", "mix"), required=True)
@@ -214,7 +227,9 @@ def main(argv=None) -> int:
     orders = {"both": (planner._chunk_major, planner._longest_first),
               "no_chunk_major": (keep, planner._longest_first),
               "no_longest_first": (planner._chunk_major, keep), "neither": (keep, keep)}
-    rows = []
+    rows, meta = [], bk.environment(dev)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"ab_{args.study}.json"
     default_cases = {"order": ORDER_CASES, "tiles": TILE_CASES, "prefix": PREFIX_CASES,
                      "merge": MERGE_CASES, "planner": PLANNER_CASES,
                      "mix": MIX_CASES}[args.study]
@@ -229,26 +244,19 @@ def main(argv=None) -> int:
             variants = [variants[int(i)] for i in args.variants.split(",")]
         for var in variants:
             for persistent in (False, True):
-                if args.study == "order":
-                    planner._chunk_major, planner._longest_first = orders[var["order"]]
-                    r = time_variant(kern, inp, ref, tol, persistent=persistent)
-                elif args.study == "planner":
-                    r = time_planner(kern, inp, ref, tol, persistent=persistent, **var)
-                elif args.study == "mix":
-                    r = time_mix(kern, inp, ref, tol, persistent=persistent, **var)
-                else:
-                    plain = {"pbm": 16} if args.study == "merge" and by_name[name].prefix_len == 0 else {}  # serving's tiles
-                    r = time_variant(kern, inp, ref, tol, persistent=persistent,
-                                     merge=args.study in ("prefix", "merge"), **var, **plain)
+                try:
+                    r = run_one(args.study, kern, inp, ref, tol, var, persistent, orders, planner, by_name[name])
+                except Exception as e:  # noqa: BLE001 -- a variant that fails to compile or launch (OutOfResources, CUDA errors) is recorded, not fatal
+                    r = {"us": None, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                    print(f"{name} {var} persistent={persistent}: {r['error']}", flush=True)
                 rows.append({"case": name, **var, "persistent": persistent, **r})
         planner._chunk_major, planner._longest_first = orders["both"]
         mine = [r for r in rows if r["case"] == name]
         print(name, " ".join(f"{'/'.join(str(v) for k, v in r.items() if k in ('order', 'pbm', 'w', 'st', 'n', 'bp', 'ovh', 'prow', 'mix', 'pps', 'maxnreg', 'overlap', 'gp'))}"
                              f"{'/ns' if r.get('nosplit') else ''}{'/x2' if r.get('pmult', 1) != 1 else ''}{'P' if r['persistent'] else 'F'}:"
                              f"{r['us'] or float('nan'):.1f}" for r in mine), flush=True)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = args.out_dir / f"ab_{args.study}.json"
-    path.write_text(json.dumps({"meta": bk.environment(dev), "study": args.study, "rows": rows}, indent=1) + "\n")
+        # rewritten after every case, so a run cut short keeps what it measured
+        path.write_text(json.dumps({"meta": meta, "study": args.study, "rows": rows}, indent=1) + "\n")
     print(f"wrote {path}")
     return 0
 
