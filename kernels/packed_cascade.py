@@ -445,7 +445,7 @@ def kernel_occupancy(
     device: torch.device, dtype: torch.dtype, head_dim: int, gqa_group_size: int, *,
     prefix_block_m: int = PREFIX_BLOCK_M, block_n: int | None = None, num_warps: int | None = None,
     num_stages: int | None = None, persistent: bool = False, has_kv_base: bool = False, plain: bool = False,
-    maxnreg: int | None = None, prefix_overlap: bool = False, gather_prefetch: bool = False,
+    maxnreg: int | None = None, prefix_overlap: bool = False, gather_prefetch: bool = True,
 ) -> int:
     """Programs of the partial kernel resident at once on one multiprocessor (registers, shared
     memory, threads), from the compiled kernel for this configuration (compiled here if needed);
@@ -535,7 +535,7 @@ def run_packed_cascade(
     mix_prefix_per_sm: int = 1,
     maxnreg: int | None = None,
     prefix_overlap: bool = False,
-    gather_prefetch: bool = False,
+    gather_prefetch: bool = True,
 ) -> None:
     """Runs a planned step for one layer, writing ``out`` (and ``lse``) in place. Inputs unchecked:
     :func:`packed_cascade_attention` validates them. Rows of ``out`` past the plan's requests (padding
@@ -545,7 +545,10 @@ def run_packed_cascade(
     4 for tiles up to 64 x 128, else 8), ``num_stages`` (default as ``block_n``) and
     ``merge_block_p`` (partials a merge program loads at once) are launch tuning only. ``mix``: the
     SM-aware scheduling experiment (``MIX`` of the kernel, at most ``mix_prefix_per_sm`` prefix units
-    per multiprocessor at once) for launches that may hold prefix items; not measured yet, off."""
+    per multiprocessor at once) for launches that may hold prefix items; off (its H200 A/B did not
+    finish a case in 290 s: benchmarks/NOTES.md, session 9). ``gather_prefetch`` (on): index-list
+    chunks load the next block's slot ids into registers a block ahead, so the K/V copies pipeline
+    ``num_stages`` deep (H200: 8-19% faster on prefix plans, ``ab_prefix_gp_h200.json``)."""
     _, num_qo_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
     gqa = num_qo_heads // num_kv_heads
