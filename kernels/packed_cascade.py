@@ -287,7 +287,11 @@ def _take_unit(Sched, running, prefix_units, suffix_units, prefix_per_sm):
     kind is exhausted, so a launch of exactly ``prefix_units + suffix_units`` programs gives every
     program one unit."""
     none = prefix_units * 0 - 1
-    want_prefix = (tl.load(running, volatile=True) < prefix_per_sm).to(tl.int32)
+    # An atomic, not a volatile load: Triton broadcasts a scalar atomic's result to the whole
+    # program, while every thread runs a volatile load itself and may read another value while other
+    # programs on the multiprocessor change the counter; threads that disagree take different
+    # branches and deadlock at the next barrier (the H200 hang of session 9 with prefix_per_sm 1)
+    want_prefix = (tl.atomic_add(running, 0) < prefix_per_sm).to(tl.int32)
     unit = none
     if want_prefix == 1:
         t = tl.atomic_add(Sched, 1)

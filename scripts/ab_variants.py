@@ -95,7 +95,7 @@ MIX_CASES = ("B64_P4096_S256,B128_P4096_S256,B256_P2048_S256,B256_P4096_S256,B64
              "B64_P16384_S256,B64_P4096_S32,B64_P4096_S256_qwen2.5-7b,B64_P4096_S256_llama3-70b-tp8,B64_P256_S256,"
              "B16_P2048_S512,B256_P2048_S256_zipf16_het,B64_P4096_S256_mha-32")
 MIX_VARIANTS = [{"mix": False}, {"mix": True, "pps": 1}, {"mix": True, "pps": 2}, {"mix": True, "pps": 0},
-                {"mix": False, "gp": True}, {"mix": True, "pps": 1, "gp": True}]
+                {"mix": False, "gp": True}, {"mix": True, "pps": 1, "gp": True}, {"mix": True, "pps": 2, "gp": True}]
 
 PLANNER_CASES = ("B64_P256_S256,B64_P1024_S256,B128_P1024_S128,B512_P1024_S128,B8_P512_S64,B16_P2048_S512,"
                  "B64_P4096_S256,B64_P4096_S32,B256_P2048_S256,B32_P8192_S1024,B64_P4096_S256_llama3-70b-tp8,"
