@@ -553,6 +553,10 @@ def run_packed_cascade(
     finish a case in 290 s: benchmarks/NOTES.md, session 9). ``gather_prefetch`` (on): index-list
     chunks load the next block's slot ids into registers a block ahead, so the K/V copies pipeline
     ``num_stages`` deep (H200: 8-19% faster on prefix plans, ``ab_prefix_gp_h200.json``)."""
+    if mix and plan.num_programs is not None and q.device.type == "cuda":
+        raise NotImplementedError(
+            "run_packed_cascade(mix=True) with a persistent plan left 34-39% of the output unwritten on the H200 "
+            "(benchmarks/NOTES.md, session 9; cause not found); use a flat plan (num_programs None) or mix=False")
     _, num_qo_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
     gqa = num_qo_heads // num_kv_heads

@@ -28,19 +28,25 @@ from triton.backends.compiler import GPUTarget
 POINTERS = {"Q": "*bf16", "K_Buffer": "*bf16", "V_Buffer": "*bf16", "Out": "*bf16", "O_Partial": "*fp32",
             "LSE_Partial": "*fp32", "LSE_Out": "*fp32", "KV_Indices": "*i32", "KV_Base": "*i32", "Items": "*i32",
             "Counts": "*i32", "Merge_Indptr": "*i32", "Sched": "*i32"}
-DEFAULT_VARIANTS = ("", "persistent=1", "prefetch=1", "prefetch=1,persistent=1", "mix=1", "mix=1,persistent=1",
-                    "overlap=1", "overlap=1,persistent=1",
-                    "block_n=128,stages=2,pbm=16", "stages=2", "pbm=128,warps=8")
+# the default launch (slot ids prefetched, 64-row prefix tiles), the H200's plain-decode launch, the
+# eager plain tiles elsewhere, then the launches without the prefetch and the experiments
+DEFAULT_VARIANTS = ("", "persistent=1", "block_n=128,stages=2,pbm=16", "block_n=128,stages=2,pbm=16,persistent=1",
+                    "pbm=16", "prefetch=0", "prefetch=0,persistent=1", "prefetch=0,block_n=128,stages=2,pbm=16",
+                    "prefetch=0,pbm=16", "mix=1", "mix=1,persistent=1", "overlap=1", "overlap=1,persistent=1",
+                    "stages=2", "block_n=32,maxnreg=168", "pbm=128,warps=8", "kv_base=1")
 REGS_PER_SM, SMEM_PER_SM, SMEM_RESERVED = 65536, 227 * 1024, 1024
 
 
 def compile_variant(arch: int, *, gqa=4, kv_heads=8, head_dim=128, pbm=64, block_n=64, stages=3, warps=4,
-                    persistent=0, mix=0, kv_base=0, maxnreg=0, overlap=0, prefetch=0) -> dict:
-    """Compiles one variant; returns its resources and the programs per multiprocessor they allow."""
+                    persistent=0, mix=0, kv_base=0, maxnreg=0, overlap=0, prefetch=None) -> dict:
+    """Compiles one variant; returns its resources and the programs per multiprocessor they allow.
+    ``prefetch`` None: ``run_packed_cascade``'s default ``gather_prefetch``."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("kernel_resources.py compiles for the GPU: unset TRITON_INTERPRET")
     from packinfer_sglang.kernels import packed_cascade as pc
     fn = pc._packed_attn_partial_kernel
+    if prefetch is None:
+        prefetch = inspect.signature(pc.run_packed_cascade).parameters["gather_prefetch"].default
     names = list(inspect.signature(fn.fn).parameters)
     const = {"GQA": gqa, "NUM_KV_HEADS": kv_heads, "HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim),
              "PREFIX_BLOCK_M": pbm, "SUFFIX_BLOCK_M": pc.suffix_block_m_for(gqa), "BLOCK_N": block_n,
@@ -85,7 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: Hopper)")
     p.add_argument("--variants", nargs="*", default=list(DEFAULT_VARIANTS),
                    help="key=value lists (gqa, kv_heads, head_dim, pbm, block_n, stages, warps, persistent, mix, "
-                        "kv_base, maxnreg: a register cap, 0 none; overlap: prefix scores issued a block ahead; prefetch: slot ids a block ahead); empty: the "
+                        "kv_base, maxnreg: a register cap, 0 none; overlap: prefix scores issued a block ahead; prefetch: slot ids a block ahead, on by default); empty: the "
                         "default launch")
     p.add_argument("--out", type=Path, help="also write this JSON (and its .md): the rows, Triton's version")
     args = p.parse_args(argv)

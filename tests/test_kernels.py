@@ -181,6 +181,10 @@ def test_mix_scheduling_equals_flat(launch, prefix_per_sm, structure):
     def counters_zeroed():
         assert not _sched_buffer(torch.device(DEVICE)).any()
     args = make_batch(*STRUCTURES[structure], 8, 2, 64, torch.float16)
+    if launch != "flat" and DEVICE.type == "cuda":  # wrong on the H200 at serving sizes (session 9): refused
+        with pytest.raises(NotImplementedError, match="persistent plan"):
+            check_launch(args, torch.float16, launch, mix=True, mix_prefix_per_sm=prefix_per_sm)
+        return
     check_launch(args, torch.float16, launch, repeats=2, after_each=counters_zeroed, mix=True,
                  mix_prefix_per_sm=prefix_per_sm)
 
