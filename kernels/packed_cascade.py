@@ -549,10 +549,12 @@ def run_packed_cascade(
     4 for tiles up to 64 x 128, else 8), ``num_stages`` (default as ``block_n``) and
     ``merge_block_p`` (partials a merge program loads at once) are launch tuning only. ``mix``: the
     SM-aware scheduling experiment (``MIX`` of the kernel, at most ``mix_prefix_per_sm`` prefix units
-    per multiprocessor at once) for launches that may hold prefix items; off (its H200 A/B did not
-    finish a case in 290 s: benchmarks/NOTES.md, session 9). ``gather_prefetch`` (on): index-list
+    per multiprocessor at once) for launches that may hold prefix items; off: flat, 10-25% slower
+    than the default on the H200; persistent, refused on CUDA (NotImplementedError: it left rows
+    unwritten there; benchmarks/NOTES.md, session 9). ``gather_prefetch`` (on): index-list
     chunks load the next block's slot ids into registers a block ahead, so the K/V copies pipeline
-    ``num_stages`` deep (H200: 8-19% faster on prefix plans, ``ab_prefix_gp_h200.json``)."""
+    ``num_stages`` deep (H200, ``ab_prefix_gp_h200.json``: flat 6-17% faster on 13 of 14 prefix cases;
+    persistent 7-13% faster on the large ones, 7-12% slower on the smallest)."""
     if mix and plan.num_programs is not None and q.device.type == "cuda":
         raise NotImplementedError(
             "run_packed_cascade(mix=True) with a persistent plan left 34-39% of the output unwritten on the H200 "
