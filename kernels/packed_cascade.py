@@ -161,11 +161,11 @@ def _attend_kv(
     experiment after FlashAttention-3's intra-warpgroup pipelining, Sec. 3.2): the scores of block
     ``i + 1`` are issued before the softmax of block ``i``, meant for the tensor cores to compute
     them while the softmax runs; Triton 3.6 on sm_90 still waits for that wgmma at once, and only
-    the K/V copies gain a group in flight (benchmarks/NOTES.md, session 8). ``PREFETCH_SLOTS`` (an
-    experiment, index-list chunks): the next block's slot ids are loaded into registers one
-    iteration ahead. Triton 3.6 then pipelines the K/V copies 3 deep on sm_90 (``async_wait num =
-    2``); through its own shared-memory copy of the slot ids it waits for every copy at each block
-    (``num = 0``)."""
+    the K/V copies gain a group in flight (benchmarks/NOTES.md, session 8). ``PREFETCH_SLOTS`` (the
+    default of :func:`run_packed_cascade`, index-list chunks): the next block's slot ids are loaded
+    into registers one iteration ahead. Triton 3.6 then pipelines the K/V copies 3 deep on sm_90
+    (``async_wait num = 2``); through its own shared-memory copy of the slot ids it waits for every
+    copy at each block (``num = 0``)."""
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -437,6 +437,12 @@ def num_sms_of(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+def persistent_programs(num_sms: int, waves: int, num_kv_heads: int) -> int:
+    """Programs per KV head of a persistent launch (its grid is ``(programs, num_kv_heads)``):
+    ``num_sms * waves`` resident programs shared by the heads, at least 1."""
+    return max(1, num_sms * waves // num_kv_heads)
 
 
 def default_num_warps(prefix_block_m: int, head_dim: int) -> int:

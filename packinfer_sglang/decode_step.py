@@ -28,6 +28,7 @@ from .kernels.packed_cascade import (
     copy_host_into,
     host_to_device,
     launch_config,
+    persistent_programs,
 )
 
 
@@ -83,8 +84,9 @@ class GraphBuffers:
         most = max(waves, plain_waves or 0)
         self.plan = StaticPlanBuffers(max_bs, 8 * (max_bs + num_sms * most), max_bs * max_context_len, device)
         self.perm = torch.arange(max_bs, dtype=torch.int64, device=device)
-        self.num_programs = max(1, num_sms * waves // num_kv_heads)
-        self.plain_num_programs = None if plain_waves is None else max(1, num_sms * plain_waves // num_kv_heads)
+        self.num_programs = persistent_programs(num_sms, waves, num_kv_heads)
+        self.plain_num_programs = None if plain_waves is None else persistent_programs(num_sms, plain_waves,
+                                                                                        num_kv_heads)
 
     def num_partials(self, padded_bs: int) -> int:
         return padded_bs * self.PARTIALS_PER_REQUEST

@@ -122,7 +122,7 @@ def time_variant(kern, inp, ref, tol, *, pbm=64, w=4, st=3, n=64, nosplit=False,
                  merge=False, bp=1, maxnreg=None, overlap=False, gp=False) -> dict:
     """Plans and runs ours with the given launch (``pbm``: the kernel's ``PREFIX_BLOCK_M``; ``bp``:
     partials a merge program loads at once, 1 as before the blocked merge)."""
-    from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of
+    from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of, persistent_programs
     dev, num_kv_heads = inp.q.device, inp.k_buffer.shape[1]
     launch = {"block_n": n, "num_warps": w, "num_stages": st, "merge_block_p": bp, "maxnreg": maxnreg,
               "prefix_overlap": overlap, "gather_prefetch": gp}
@@ -140,7 +140,7 @@ def time_variant(kern, inp, ref, tol, *, pbm=64, w=4, st=3, n=64, nosplit=False,
                                         kv_align=n, prefix_chunk=pmult * auto.prefix_chunk,
                                         suffix_chunk=auto.suffix_chunk)
     if persistent:
-        plan = plan._replace(num_programs=max(1, num_sms_of(dev) * occ // num_kv_heads))
+        plan = plan._replace(num_programs=persistent_programs(num_sms_of(dev), occ, num_kv_heads))
     else:  # plan_packed_cascade launches plain plans with suffix tiles; force the asked-for tile
         plan = plan._replace(has_prefix=True, prefix_block_m=pbm)
     out, checked = run_checked(kern, inp, plan, ref, tol, **launch)
@@ -160,7 +160,12 @@ def time_planner(kern, inp, ref, tol, *, ovh=32, prow=2, persistent=False) -> di
     it with the default launch: flat as ``bench_kernel.py``, or persistent as the decode graphs (the
     pair of launches, programs from each one's persistent occupancy)."""
     from packinfer_sglang.kernels import plan as planner
-    from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, launch_config, num_sms_of
+    from packinfer_sglang.kernels.packed_cascade import (
+        kernel_occupancy,
+        launch_config,
+        num_sms_of,
+        persistent_programs,
+    )
     dev, dtype = inp.q.device, inp.k_buffer.dtype
     num_qo_heads, num_kv_heads, head_dim = inp.q.shape[1], inp.k_buffer.shape[1], inp.q.shape[2]
     gqa, sms = num_qo_heads // num_kv_heads, num_sms_of(dev)
@@ -171,8 +176,8 @@ def time_planner(kern, inp, ref, tol, *, ovh=32, prow=2, persistent=False) -> di
         if persistent:
             occ = {pl: kernel_occupancy(dev, dtype, head_dim, gqa, persistent=True, plain=pl) for pl in (False, True)}
             plan = kern.plan_packed_cascade(*inp[3:8], num_qo_heads, num_kv_heads, waves=occ[plain])
-            plan = plan._replace(num_programs=max(1, sms * occ[False] // num_kv_heads),
-                                 plain_num_programs=max(1, sms * occ[True] // num_kv_heads))
+            plan = plan._replace(num_programs=persistent_programs(sms, occ[False], num_kv_heads),
+                                 plain_num_programs=persistent_programs(sms, occ[True], num_kv_heads))
         else:
             plan = kern.plan_packed_cascade(*inp[3:8], num_qo_heads, num_kv_heads, head_dim=head_dim, dtype=dtype)
         work = planner.plan_work(*[a.cpu().numpy() for a in (inp[3], inp[4], inp[6])], gqa_group_size=gqa,
@@ -189,13 +194,13 @@ def time_planner(kern, inp, ref, tol, *, ovh=32, prow=2, persistent=False) -> di
 def time_mix(kern, inp, ref, tol, *, mix=False, pps=1, gp=False, persistent=False) -> dict:
     """Ours with the default plan and launch, or with the MIX scheduler (``pps``: prefix units per
     multiprocessor at once); persistent launches get the graphs' program count."""
-    from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of
+    from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of, persistent_programs
     dev, dtype = inp.q.device, inp.k_buffer.dtype
     num_qo_heads, num_kv_heads, head_dim = inp.q.shape[1], inp.k_buffer.shape[1], inp.q.shape[2]
     plan = kern.plan_packed_cascade(*inp[3:8], num_qo_heads, num_kv_heads, head_dim=head_dim, dtype=dtype)
     if persistent:
         occ = kernel_occupancy(dev, dtype, head_dim, num_qo_heads // num_kv_heads, persistent=True)
-        plan = plan._replace(num_programs=max(1, num_sms_of(dev) * occ // num_kv_heads))
+        plan = plan._replace(num_programs=persistent_programs(num_sms_of(dev), occ, num_kv_heads))
     return {"items": plan.num_items,
             **run_checked(kern, inp, plan, ref, tol, mix=mix, mix_prefix_per_sm=pps, gather_prefetch=gp)[1]}
 

@@ -39,7 +39,7 @@ COPY_TOKENS = (256, 1024, 4096, 16384, 65536)
 
 def kernel_rows(names: str, dev: torch.device) -> list[dict]:
     from packinfer_sglang.kernels.kv_indices import item_kv_bases
-    from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of
+    from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of, persistent_programs
     kern = bk.import_kernels()
     by_name = {c.name: c for c in kc.full_grid()}
     rows = []
@@ -54,7 +54,7 @@ def kernel_rows(names: str, dev: torch.device) -> list[dict]:
                                                 kv_base=bases)
                 occ = kernel_occupancy(dev, inp.k_buffer.dtype, d, hq // hkv, persistent=True, has_kv_base=bases)
                 for persistent in (False, True):
-                    p = plan._replace(num_programs=max(1, num_sms_of(dev) * occ // hkv)) if persistent else plan
+                    p = plan._replace(num_programs=persistent_programs(num_sms_of(dev), occ, hkv)) if persistent else plan
                     out = torch.full_like(inp.q, float("nan"))
                     run = lambda p=p, out=out: kern.run_packed_cascade(inp.q, inp.k_buffer, inp.v_buffer, p,
                                                                        inp.sm_scale, out)

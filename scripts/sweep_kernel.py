@@ -38,7 +38,7 @@ def variants():
 
 
 def run_variant(kern, inp, ref, var, rep_ms, tol) -> dict:
-    from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of
+    from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of, persistent_programs
     launch = {k: var[k] for k in ("block_n", "num_warps", "num_stages")}
     dev, gqa = inp.q.device, inp.q.shape[1] // inp.k_buffer.shape[1]
     try:
@@ -48,7 +48,7 @@ def run_variant(kern, inp, ref, var, rep_ms, tol) -> dict:
         plan = kern.plan_packed_cascade(*inp[3:8], inp.q.shape[1], inp.k_buffer.shape[1], waves=waves,
                                         prefix_block_m=var["prefix_block_m"], kv_align=var["block_n"])
         if var["persistent"]:
-            plan = plan._replace(num_programs=max(1, num_sms_of(dev) * waves // inp.k_buffer.shape[1]))
+            plan = plan._replace(num_programs=persistent_programs(num_sms_of(dev), waves, inp.k_buffer.shape[1]))
         out = torch.full_like(inp.q, float("nan"))
 
         def run():
