@@ -563,7 +563,7 @@ def run_packed_cascade(
     persistent 7-13% faster on the large ones, 7-12% slower on the smallest)."""
     if mix and plan.num_programs is not None and q.device.type == "cuda":
         raise NotImplementedError(
-            "run_packed_cascade(mix=True) with a persistent plan left 34-39% of the output unwritten on the H200 "
+            "run_packed_cascade(mix=True) with a persistent plan left 32-39% of the output unwritten on the H200 "
             "(benchmarks/NOTES.md, session 9; cause not found); use a flat plan (num_programs None) or mix=False")
     _, num_qo_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
