@@ -328,7 +328,7 @@ def _packed_attn_partial_kernel(
     PREFIX_BLOCK_M: tl.constexpr, SUFFIX_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, PERSISTENT: tl.constexpr, STORE_LSE: tl.constexpr, ROLE: tl.constexpr,
     HAS_KV_BASE: tl.constexpr, MIX: tl.constexpr, HW_SMID: tl.constexpr, PREFIX_OVERLAP: tl.constexpr,
-    GATHER_PREFETCH: tl.constexpr,
+    GATHER_PREFETCH: tl.constexpr, GUARD_UNITS: tl.constexpr = False,
 ):
     """Prefix items (``PREFIX_BLOCK_M`` rows: a group's requests x GQA) then suffix items
     (``SUFFIX_BLOCK_M`` rows: one request x GQA), all in one launch. ``Counts`` holds
@@ -386,11 +386,15 @@ def _packed_attn_partial_kernel(
                         STORE_LSE, HAS_KV_BASE, PREFIX_OVERLAP, GATHER_PREFETCH)
     else:
         unit = tl.program_id(0)
-        _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
-                    unit // NUM_KV_HEADS, num_prefix_items, unit % NUM_KV_HEADS, sm_scale_log2, stride_qt, stride_qh,
-                    stride_kt, stride_kh, stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot,
-                    stride_oh, stride_lt, GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, SUFFIX_BLOCK_M, BLOCK_N,
-                    DOT_FP32, STORE_LSE, HAS_KV_BASE, PREFIX_OVERLAP, GATHER_PREFETCH)
+        live = True
+        if GUARD_UNITS:  # experiment: a flat grid larger than the plan (fixed for a CUDA graph); extra programs exit
+            live = unit < tl.load(Counts) * NUM_KV_HEADS
+        if live:
+            _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
+                        unit // NUM_KV_HEADS, num_prefix_items, unit % NUM_KV_HEADS, sm_scale_log2, stride_qt, stride_qh,
+                        stride_kt, stride_kh, stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot,
+                        stride_oh, stride_lt, GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, SUFFIX_BLOCK_M, BLOCK_N,
+                        DOT_FP32, STORE_LSE, HAS_KV_BASE, PREFIX_OVERLAP, GATHER_PREFETCH)
 
 
 @triton.jit
@@ -546,6 +550,7 @@ def run_packed_cascade(
     maxnreg: int | None = None,
     prefix_overlap: bool = False,
     gather_prefetch: bool = True,
+    flat_grid_units: int | None = None,
 ) -> None:
     """Runs a planned step for one layer, writing ``out`` (and ``lse``) in place. Inputs unchecked:
     :func:`packed_cascade_attention` validates them. Rows of ``out`` past the plan's requests (padding
@@ -560,7 +565,10 @@ def run_packed_cascade(
     unwritten there; benchmarks/NOTES.md, session 9). ``gather_prefetch`` (on): index-list
     chunks load the next block's slot ids into registers a block ahead, so the K/V copies pipeline
     ``num_stages`` deep (H200, ``ab_prefix_gp_h200.json``: flat 6-17% faster on 13 of 14 prefix cases;
-    persistent 7-13% faster on the large ones, 7-12% slower on the smallest)."""
+    persistent 7-13% faster on the large ones, 7-12% slower on the smallest). ``flat_grid_units``
+    (an experiment, eager plans only): launch that many flat programs (at least the plan's units,
+    ``num_items * num_kv_heads``), those past the plan's units exiting at once, to time what a flat
+    grid fixed at a CUDA graph's capacity would cost."""
     if mix and plan.num_programs is not None and q.device.type == "cuda":
         raise NotImplementedError(
             "run_packed_cascade(mix=True) with a persistent plan left 32-39% of the output unwritten on the H200 "
@@ -580,16 +588,21 @@ def run_packed_cascade(
             v_buffer.stride(0), v_buffer.stride(1), o_partial.stride(0), o_partial.stride(1),
             lse_partial.stride(0), out.stride(0), out.stride(1), lse_arg.stride(0))
 
+    guard = flat_grid_units is not None and plan.num_programs is None
+    if guard and flat_grid_units < plan.num_items * num_kv_heads:
+        raise ValueError(f"flat_grid_units {flat_grid_units} < the plan's {plan.num_items * num_kv_heads} units")
+
     def launch(grid: int, prefix_block_m: int, persistent: bool, role: int, plain: bool):
         default_n, default_stages = launch_config(q.device, plain)
-        _packed_attn_partial_kernel[(grid, num_kv_heads) if persistent else (grid * num_kv_heads,)](
+        flat_grid = (flat_grid_units if guard else grid * num_kv_heads,)
+        _packed_attn_partial_kernel[(grid, num_kv_heads) if persistent else flat_grid](
             *args, GQA=gqa, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
             PREFIX_BLOCK_M=prefix_block_m, SUFFIX_BLOCK_M=plan.suffix_block_m,
             BLOCK_N=block_n or default_n,
             DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16, PERSISTENT=persistent,
             STORE_LSE=lse is not None, ROLE=role, HAS_KV_BASE=plan.kv_base is not None,
             MIX=mix and not plain, HW_SMID=q.device.type == "cuda", PREFIX_OVERLAP=prefix_overlap and not plain,
-            GATHER_PREFETCH=gather_prefetch, num_warps=num_warps or default_num_warps(prefix_block_m, head_dim),
+            GATHER_PREFETCH=gather_prefetch, GUARD_UNITS=guard, num_warps=num_warps or default_num_warps(prefix_block_m, head_dim),
             num_stages=num_stages or default_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         )
 

@@ -15,7 +15,10 @@ values, on short-suffix, prefix-heavy and no-sharing cases, each planned and lau
 ``bench_kernel.py`` (flat) and SGLang's decode graphs (persistent, the pair of launches) do.
 ``--study mix``: the SM-aware scheduling experiment (``run_packed_cascade(mix=True)``: prefix and
 suffix units taken from ticket counters so that both kinds share each multiprocessor, at most
-``pps`` prefix units per multiprocessor at once) against the default order, flat and persistent. Every variant is checked against the fp32
+``pps`` prefix units per multiprocessor at once) against the default order, flat and persistent. ``--study
+grid``: the flat launch with 0, 1, 3 or 7 times the plan's units of extra programs that exit at once
+(``flat_grid_units``: what a flat grid fixed at a CUDA graph's capacity would cost) against the
+graphs' persistent pair, on sharing and no-sharing cases. Every variant is checked against the fp32
 oracle, then timed like ``bench_kernel.py`` (CUDA-graph replay median, L2 warm); baselines are not
 re-timed (compare with the grid of the same GPU). Writes ``ab_<study>.json`` under ``--out-dir``.
 
@@ -205,6 +208,33 @@ def time_mix(kern, inp, ref, tol, *, mix=False, pps=1, gp=False, persistent=Fals
             **run_checked(kern, inp, plan, ref, tol, mix=mix, mix_prefix_per_sm=pps, gather_prefetch=gp)[1]}
 
 
+GRID_CASES = ("B64_P4096_S256,B256_P2048_S256,B64_P256_S256,B8_P512_S64,B16_P2048_S512,B64_P4096_S256_qwen2.5-7b,"
+              "B64_P4096_S256_llama3-70b-tp8,B256_P2048_S256_G8_qwen2.5-7b,B256_P0_S1024,B128_P0_S2048_het,B16_P0_S8192")
+# extra: flat programs past the plan's units, in multiples of them (flat_grid_units); None: the
+# decode graphs' launch (the persistent pair, programs from each one's occupancy)
+GRID_VARIANTS = [{"extra": 0}, {"extra": 1}, {"extra": 3}, {"extra": 7}, {"extra": None}]
+
+
+def time_grid(kern, inp, ref, tol, *, extra=0) -> dict:
+    """Ours planned as in serving (default launch); flat with ``extra`` times the plan's units of
+    programs that exit at once (what a flat grid fixed at a CUDA graph's capacity costs), or, with
+    ``extra`` None, the graphs' persistent pair."""
+    from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of, persistent_programs
+    dev, dtype = inp.q.device, inp.k_buffer.dtype
+    num_qo_heads, num_kv_heads, head_dim = inp.q.shape[1], inp.k_buffer.shape[1], inp.q.shape[2]
+    gqa, sms = num_qo_heads // num_kv_heads, num_sms_of(dev)
+    if extra is None:
+        occ = {pl: kernel_occupancy(dev, dtype, head_dim, gqa, persistent=True, plain=pl) for pl in (False, True)}
+        plan = kern.plan_packed_cascade(*inp[3:8], num_qo_heads, num_kv_heads, waves=occ[int(inp[4][-1]) == 0])
+        plan = plan._replace(num_programs=persistent_programs(sms, occ[False], num_kv_heads),
+                             plain_num_programs=persistent_programs(sms, occ[True], num_kv_heads))
+        return {"items": plan.num_items, "persistent": True, **run_checked(kern, inp, plan, ref, tol)[1]}
+    plan = kern.plan_packed_cascade(*inp[3:8], num_qo_heads, num_kv_heads, head_dim=head_dim, dtype=dtype)
+    units = plan.num_items * num_kv_heads
+    return {"items": plan.num_items, "grid_units": units * (1 + extra),
+            **run_checked(kern, inp, plan, ref, tol, flat_grid_units=units * (1 + extra))[1]}
+
+
 def run_one(study, kern, inp, ref, tol, var, persistent, orders, planner, case) -> dict:
     """One variant of ``study`` on one case, flat or persistent: its row fields."""
     if study == "order":
@@ -214,13 +244,15 @@ def run_one(study, kern, inp, ref, tol, var, persistent, orders, planner, case) 
         return time_planner(kern, inp, ref, tol, persistent=persistent, **var)
     if study == "mix":
         return time_mix(kern, inp, ref, tol, persistent=persistent, **var)
+    if study == "grid":
+        return time_grid(kern, inp, ref, tol, **var)
     plain = {"pbm": 16} if study == "merge" and case.prefix_len == 0 else {}  # serving's tiles
     return time_variant(kern, inp, ref, tol, persistent=persistent, merge=study in ("prefix", "merge"), **var, **plain)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--study", choices=("order", "tiles", "prefix", "merge", "planner", "mix"), required=True)
+    p.add_argument("--study", choices=("order", "tiles", "prefix", "merge", "planner", "mix", "grid"), required=True)
     p.add_argument("--cases", help="comma-separated exact case names of the full grid")
     p.add_argument("--variants", help="comma-separated indices into the study's variant list (default: all)")
     p.add_argument("--out-dir", type=Path, default=Path("out/ab"))
@@ -237,18 +269,18 @@ def main(argv=None) -> int:
     path = args.out_dir / f"ab_{args.study}.json"
     default_cases = {"order": ORDER_CASES, "tiles": TILE_CASES, "prefix": PREFIX_CASES,
                      "merge": MERGE_CASES, "planner": PLANNER_CASES,
-                     "mix": MIX_CASES}[args.study]
+                     "mix": MIX_CASES, "grid": GRID_CASES}[args.study]
     for name in (args.cases or default_cases).split(","):
         inp = kc.make_inputs(by_name[name], dev)
         ref = kern.reference.packed_cascade_attention_ref(*inp.cascade_args())[0]
         tol = bk.TOLERANCE[by_name[name].dtype]
         variants = {"order": [{"order": o} for o in orders], "tiles": TILE_VARIANTS,
                     "prefix": PREFIX_VARIANTS, "merge": MERGE_VARIANTS,
-                    "planner": PLANNER_VARIANTS, "mix": MIX_VARIANTS}[args.study]
+                    "planner": PLANNER_VARIANTS, "mix": MIX_VARIANTS, "grid": GRID_VARIANTS}[args.study]
         if args.variants:
             variants = [variants[int(i)] for i in args.variants.split(",")]
         for var in variants:
-            for persistent in (False, True):
+            for persistent in ((False,) if args.study == "grid" else (False, True)):  # grid: set by the variant
                 try:
                     r = run_one(args.study, kern, inp, ref, tol, var, persistent, orders, planner, by_name[name])
                 except Exception as e:  # noqa: BLE001 -- a variant that fails to compile or launch (OutOfResources, CUDA errors) is recorded, not fatal
@@ -257,7 +289,7 @@ def main(argv=None) -> int:
                 rows.append({"case": name, **var, "persistent": persistent, **r})
         planner._chunk_major, planner._longest_first = orders["both"]
         mine = [r for r in rows if r["case"] == name]
-        print(name, " ".join(f"{'/'.join(str(v) for k, v in r.items() if k in ('order', 'pbm', 'w', 'st', 'n', 'bp', 'ovh', 'prow', 'mix', 'pps', 'maxnreg', 'overlap', 'gp'))}"
+        print(name, " ".join(f"{'/'.join(str(v) for k, v in r.items() if k in ('order', 'pbm', 'w', 'st', 'n', 'bp', 'ovh', 'prow', 'mix', 'pps', 'maxnreg', 'overlap', 'gp', 'extra'))}"
                              f"{'/ns' if r.get('nosplit') else ''}{'/x2' if r.get('pmult', 1) != 1 else ''}{'P' if r['persistent'] else 'F'}:"
                              f"{r['us'] or float('nan'):.1f}" for r in mine), flush=True)
         # rewritten after every case, so a run cut short keeps what it measured

@@ -38,7 +38,7 @@ REGS_PER_SM, SMEM_PER_SM, SMEM_RESERVED = 65536, 227 * 1024, 1024
 
 
 def compile_variant(arch: int, *, gqa=4, kv_heads=8, head_dim=128, pbm=64, block_n=64, stages=3, warps=4,
-                    persistent=0, mix=0, kv_base=0, maxnreg=0, overlap=0, prefetch=None) -> dict:
+                    persistent=0, mix=0, kv_base=0, maxnreg=0, overlap=0, prefetch=None, guard=0) -> dict:
     """Compiles one variant; returns its resources and the programs per multiprocessor they allow.
     ``prefetch`` None: ``run_packed_cascade``'s default ``gather_prefetch``."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -52,7 +52,7 @@ def compile_variant(arch: int, *, gqa=4, kv_heads=8, head_dim=128, pbm=64, block
              "PREFIX_BLOCK_M": pbm, "SUFFIX_BLOCK_M": pc.suffix_block_m_for(gqa), "BLOCK_N": block_n,
              "DOT_FP32": False, "PERSISTENT": bool(persistent), "STORE_LSE": False, "ROLE": 0,
              "HAS_KV_BASE": bool(kv_base), "MIX": bool(mix), "HW_SMID": True, "PREFIX_OVERLAP": bool(overlap),
-             "GATHER_PREFETCH": bool(prefetch)}
+             "GATHER_PREFETCH": bool(prefetch), "GUARD_UNITS": bool(guard)}
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "sm_scale_log2" else "i32")
            for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in POINTERS or n.startswith("stride")}
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: Hopper)")
     p.add_argument("--variants", nargs="*", default=list(DEFAULT_VARIANTS),
                    help="key=value lists (gqa, kv_heads, head_dim, pbm, block_n, stages, warps, persistent, mix, "
-                        "kv_base, maxnreg: a register cap, 0 none; overlap: prefix scores issued a block ahead; prefetch: slot ids a block ahead, on by default); empty: the "
+                        "kv_base, maxnreg: a register cap, 0 none; overlap: prefix scores issued a block ahead; prefetch: slot ids a block ahead, on by default; guard: flat programs past the plan's units exit); empty: the "
                         "default launch")
     p.add_argument("--out", type=Path, help="also write this JSON (and its .md): the rows, Triton's version")
     args = p.parse_args(argv)

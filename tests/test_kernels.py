@@ -207,3 +207,16 @@ def test_gather_prefetch_equals_flat(launch, structure):
     for dtype, heads, chunk in ((torch.float16, (8, 2), 64), (torch.bfloat16, (7, 1), 192)):
         args = make_batch(*STRUCTURES[structure], *heads, 64, dtype)
         check_launch(args, dtype, launch, chunks=(chunk, chunk), gather_prefetch=True)
+
+
+@pytest.mark.parametrize("structure", ["mixed", "singletons", "big_group"])
+@pytest.mark.parametrize("extra", [0, 1, 13])
+def test_flat_grid_units_equals_flat(structure, extra):
+    """The larger-flat-grid experiment (``flat_grid_units``): programs past the plan's units exit and
+    write nothing, so the output equals the exact grid's; fewer programs than units is refused."""
+    args = make_batch(*STRUCTURES[structure], 8, 2, 64, torch.float16)
+    plan = plan_packed_cascade(*args[3:], 8, 2, prefix_chunk=64, suffix_chunk=64)
+    units = plan.num_items * 2
+    check_launch(args, torch.float16, "flat", chunks=(64, 64), flat_grid_units=units + extra)
+    with pytest.raises(ValueError, match="flat_grid_units"):
+        run_packed_cascade(*args[:3], plan, 0.125, torch.empty_like(args[0]), flat_grid_units=units - 1)
