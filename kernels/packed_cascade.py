@@ -335,12 +335,15 @@ def _packed_attn_partial_kernel(
     ``(num_items, num_prefix_items)`` in device memory. Without ``PERSISTENT`` program ``w`` runs
     item ``w // NUM_KV_HEADS`` for KV head ``w % NUM_KV_HEADS`` (straight-line code): the heads of an
     item are adjacent, so blocks are issued in the plan's item order (longest first) across all
-    heads. ``PERSISTENT``: a fixed grid ``(num_programs, NUM_KV_HEADS)`` (CUDA graphs) replays any
+    heads. ``GUARD_UNITS`` (CUDA graphs' default launch): the flat grid is fixed at the graph's
+    capacity, and programs past the plan's ``num_items * NUM_KV_HEADS`` units exit at once.
+    ``PERSISTENT``: a fixed grid ``(num_programs, NUM_KV_HEADS)`` (CUDA graphs) replays any
     plan, program ``(p, h)`` running items ``p, p + num_programs, ...`` of head ``h`` (striding over
-    all heads' units instead was up to 7% slower on heterogeneous plain decode, H100). ``ROLE`` (persistent only):
-    0 runs every plan; a graph captures a pair, 1 (compiled with 64-row prefix tiles) running plans
-    with prefix items and 2 (compiled with suffix-height tiles: fewer registers, more resident
-    programs) running plans without, the other one of the pair finding nothing to do.
+    all heads' units instead was up to 7% slower on heterogeneous plain decode, H100). ``ROLE``
+    (graphs: persistent or ``GUARD_UNITS``): 0 runs every plan; a graph captures a pair, 1 (compiled
+    with 64-row prefix tiles) running plans with prefix items and 2 (compiled with suffix-height
+    tiles: fewer registers, more resident programs) running plans without, the other one of the
+    pair finding nothing to do.
 
     ``MIX`` (an experiment, off by default; POD-Attention's SM-aware scheduling): programs take
     units from ticket counters in ``Sched`` instead, a prefix unit (tensor-core bound) while fewer
@@ -387,8 +390,13 @@ def _packed_attn_partial_kernel(
     else:
         unit = tl.program_id(0)
         live = True
-        if GUARD_UNITS:  # experiment: a flat grid larger than the plan (fixed for a CUDA graph); extra programs exit
-            live = unit < tl.load(Counts) * NUM_KV_HEADS
+        if GUARD_UNITS:  # a flat grid fixed at a CUDA graph's capacity: programs past the plan's units exit
+            num_items = tl.load(Counts)
+            if ROLE == 1:
+                num_items = tl.where(num_prefix_items > 0, num_items, 0)
+            elif ROLE == 2:
+                num_items = tl.where(num_prefix_items == 0, num_items, 0)
+            live = unit < num_items * NUM_KV_HEADS
         if live:
             _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
                         unit // NUM_KV_HEADS, num_prefix_items, unit % NUM_KV_HEADS, sm_scale_log2, stride_qt, stride_qh,
@@ -550,7 +558,6 @@ def run_packed_cascade(
     maxnreg: int | None = None,
     prefix_overlap: bool = False,
     gather_prefetch: bool = True,
-    flat_grid_units: int | None = None,
 ) -> None:
     """Runs a planned step for one layer, writing ``out`` (and ``lse``) in place. Inputs unchecked:
     :func:`packed_cascade_attention` validates them. Rows of ``out`` past the plan's requests (padding
@@ -565,10 +572,7 @@ def run_packed_cascade(
     unwritten there; benchmarks/NOTES.md, session 9). ``gather_prefetch`` (on): index-list
     chunks load the next block's slot ids into registers a block ahead, so the K/V copies pipeline
     ``num_stages`` deep (H200, ``ab_prefix_gp_h200.json``: flat 6-17% faster on 13 of 14 prefix cases;
-    persistent 7-13% faster on the large ones, 7-12% slower on the smallest). ``flat_grid_units``
-    (an experiment, eager plans only): launch that many flat programs (at least the plan's units,
-    ``num_items * num_kv_heads``), those past the plan's units exiting at once, to time what a flat
-    grid fixed at a CUDA graph's capacity would cost."""
+    persistent 7-13% faster on the large ones, 7-12% slower on the smallest)."""
     if mix and plan.num_programs is not None and q.device.type == "cuda":
         raise NotImplementedError(
             "run_packed_cascade(mix=True) with a persistent plan left 32-39% of the output unwritten on the H200 "
@@ -588,14 +592,9 @@ def run_packed_cascade(
             v_buffer.stride(0), v_buffer.stride(1), o_partial.stride(0), o_partial.stride(1),
             lse_partial.stride(0), out.stride(0), out.stride(1), lse_arg.stride(0))
 
-    guard = flat_grid_units is not None and plan.num_programs is None
-    if guard and flat_grid_units < plan.num_items * num_kv_heads:
-        raise ValueError(f"flat_grid_units {flat_grid_units} < the plan's {plan.num_items * num_kv_heads} units")
-
-    def launch(grid: int, prefix_block_m: int, persistent: bool, role: int, plain: bool):
+    def launch(grid: int, prefix_block_m: int, persistent: bool, role: int, plain: bool, guard: bool = False):
         default_n, default_stages = launch_config(q.device, plain)
-        flat_grid = (flat_grid_units if guard else grid * num_kv_heads,)
-        _packed_attn_partial_kernel[(grid, num_kv_heads) if persistent else flat_grid](
+        _packed_attn_partial_kernel[(grid, num_kv_heads) if persistent else (grid * num_kv_heads,)](
             *args, GQA=gqa, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
             PREFIX_BLOCK_M=prefix_block_m, SUFFIX_BLOCK_M=plan.suffix_block_m,
             BLOCK_N=block_n or default_n,
@@ -606,7 +605,14 @@ def run_packed_cascade(
             num_stages=num_stages or default_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         )
 
-    if plan.num_programs is None:  # eager: one program per item; plain decode gets the lighter tiles
+    static = plan.num_programs is not None or plan.grid_items is not None
+    if plan.grid_items is not None:  # graphs, flat: fixed grids whose programs past the plan's units exit
+        if plan.plain_grid_items is None:
+            launch(plan.grid_items, plan.prefix_block_m, False, 0, False, guard=True)
+        else:  # the pair, as below
+            launch(plan.grid_items, plan.prefix_block_m, False, 1, False, guard=True)
+            launch(plan.plain_grid_items, plan.suffix_block_m, False, 2, True, guard=True)
+    elif plan.num_programs is None:  # eager: one program per item; plain decode gets the lighter tiles
         if plan.num_items:
             if plan.has_prefix:
                 launch(plan.num_items, plan.prefix_block_m, False, 0, False)
@@ -617,7 +623,7 @@ def run_packed_cascade(
     else:  # graphs: the pair, one of which finds the plan's items (ROLE in the kernel's docstring)
         launch(plan.num_programs, plan.prefix_block_m, True, 1, False)
         launch(plan.plain_num_programs, plan.suffix_block_m, True, 2, True)
-    if plan.num_programs is not None or plan.num_partials > plan.merge_indptr.numel() - 1:
+    if static or plan.num_partials > plan.merge_indptr.numel() - 1:
         # graphs: any plan may split, and padding rows are zeroed here; eager: only if a request split
         merge_partials(o_partial, lse_partial, plan.merge_indptr, out, lse, skip_single=True, block_p=merge_block_p)
 

@@ -23,7 +23,8 @@ class PackedCascadePlan(NamedTuple):
 
     ``kv_indices`` is ``cat(prefix_kv_indices, suffix_kv_indices)`` (int32); ``items``, ``counts``
     and ``merge_indptr`` are int32 on the same device; see :mod:`.plan`. A plan in
-    :class:`StaticPlanBuffers` (CUDA graphs) has capacity-sized tensors and a fixed ``num_programs``.
+    :class:`StaticPlanBuffers` (CUDA graphs) has capacity-sized tensors and a fixed grid: ``num_programs``
+    (persistent) or ``grid_items`` (flat).
     With ``kv_base`` (:func:`.kv_indices.item_kv_bases` of ``kv_indices``) the kernel reads an
     item whose chunk is one run of consecutive slots at ``base + offset``, without its slot ids;
     ``None`` compiles that path out.
@@ -41,6 +42,10 @@ class PackedCascadePlan(NamedTuple):
     has_prefix: bool = True  # whether there are prefix items (static plans: whether there may be)
     plain_num_programs: int | None = None  # static plans: grid of the plain-decode launch (ROLE 2)
     kv_base: torch.Tensor | None = None  # [>= num_items] int32: an item's first slot if one run, else -1
+    # static plans launched flat (CUDA graphs' default): a fixed grid of grid_items x num_kv_heads
+    # programs, those past the plan's units exiting; plain_grid_items: the pair's plain-decode launch
+    grid_items: int | None = None
+    plain_grid_items: int | None = None
 
 
 def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -113,21 +118,26 @@ class StaticPlanBuffers:
         self.kv_indices = torch.zeros(max(1, max_kv_tokens), dtype=torch.int32, device=device)
         self.kv_base = torch.full((max(1, max_items),), -1, dtype=torch.int32, device=device)
 
-    def write(self, work: WorkPlan, gqa_group_size: int, num_programs: int, num_partials: int,
+    def write(self, work: WorkPlan, gqa_group_size: int, num_programs: int | None, num_partials: int,
               prefix_block_m: int = PREFIX_BLOCK_M, plain_num_programs: int | None = None,
-              num_kv_tokens: int | None = None) -> PackedCascadePlan:
+              num_kv_tokens: int | None = None, grid_items: int | None = None,
+              plain_grid_items: int | None = None) -> PackedCascadePlan:
         """Copies ``work`` into the buffers (asynchronously on the current stream) and returns the plan
         that reads them: ``num_programs`` persistent programs per KV head, or with
         ``plain_num_programs`` a pair of launches (see ``ROLE`` of the kernel) whose plain-decode one
-        has that many. With ``num_kv_tokens`` (the step's slots, already gathered into
-        ``kv_indices[:num_kv_tokens]``) the items' base slots are computed too (contiguous fast path;
-        a graph captured with them must always get them). Raises ``ValueError`` when ``work`` exceeds
-        a capacity."""
+        has that many; or (``num_programs`` None) flat launches of ``grid_items`` (and the pair's
+        ``plain_grid_items``) items' programs per KV head, at least the plan's items. With
+        ``num_kv_tokens`` (the step's slots, already gathered into ``kv_indices[:num_kv_tokens]``)
+        the items' base slots are computed too (contiguous fast path; a graph captured with them must
+        always get them). Raises ``ValueError`` when ``work`` exceeds a capacity or the grid."""
         n_items = len(work.prefix_items) + len(work.suffix_items)
         n_tokens = len(work.merge_indptr) - 1
-        if n_items > self.max_items or n_tokens > self.max_tokens or work.num_partials > num_partials:
+        if (num_programs is None) == (grid_items is None):
+            raise ValueError("give num_programs (persistent launch) or grid_items (flat launch), not both")
+        cap = self.max_items if grid_items is None else min(self.max_items, grid_items, plain_grid_items or grid_items)
+        if n_items > cap or n_tokens > self.max_tokens or work.num_partials > num_partials:
             raise ValueError(f"plan of {n_items} items, {n_tokens} tokens, {work.num_partials} partials "
-                             f"exceeds capacity {self.max_items} items, {self.max_tokens} tokens, {num_partials} partials")
+                             f"exceeds capacity {cap} items, {self.max_tokens} tokens, {num_partials} partials")
         copy_host_into(self.flat, torch.from_numpy(_host_table(work, self.max_tokens + 1)))
         bases = None
         if num_kv_tokens is not None:
@@ -136,4 +146,5 @@ class StaticPlanBuffers:
                           self.items[:n_items, 3], bases)
         return PackedCascadePlan(self.items, self.counts, self.merge_indptr, self.kv_indices, n_items,
                                  num_partials, prefix_block_m, suffix_block_m_for(gqa_group_size), num_programs,
-                                 plain_num_programs=plain_num_programs, kv_base=bases)
+                                 plain_num_programs=plain_num_programs, kv_base=bases, grid_items=grid_items,
+                                 plain_grid_items=plain_grid_items)

@@ -108,8 +108,13 @@ class PackInferAttnBackend(TritonAttnBackend):
     def init_cuda_graph_state(self, max_bs, max_num_tokens, *args, **kwargs):
         super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
         dev = torch.device(self.device)
+        persistent = self.config.graph_launch == "persistent"
         self._graph = GraphBuffers(max_num_tokens, self.max_context_len, self.num_kv_head, self.num_sms, dev,
-                                   waves=self._occupancy(True), plain_waves=self._occupancy(True, plain=True))
+                                   waves=self._occupancy(persistent),
+                                   plain_waves=self._occupancy(persistent, plain=True),
+                                   launch=self.config.graph_launch)
+        logger.info("packinfer: decode CUDA graphs launch the kernel %s", "persistent" if persistent else
+                    f"flat, up to {self._graph.grid_items(max_num_tokens)} items per KV head")
         if self.config.verify:
             self._graph_errs = torch.zeros(_MAX_LAYERS, dtype=torch.float32, device=dev)
             self._graph_rows = torch.zeros(max_num_tokens, 1, dtype=torch.float32, device=dev)

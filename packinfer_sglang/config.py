@@ -22,6 +22,7 @@ environment variables reach every rank; ``packinfer serve`` sets them from its f
 | ``PACKINFER_COMPACT_PLACE_EVERY`` | 8 | decode steps between placement refreshes (host reads) at most |
 | ``PACKINFER_KV_BASE`` | 0 | the kernel reads KV chunks that are one run of slots by base + offset |
 | ``PACKINFER_FRAG_LOG_EVERY`` | 0 | decode steps between KV fragmentation log lines, compaction on or off (0: never) |
+| ``PACKINFER_GRAPH_LAUNCH`` | flat | decode CUDA graphs launch the kernel ``flat`` (a grid per captured batch size, idle programs exit) or ``persistent`` |
 
 The compaction cost rule is :mod:`packinfer_sglang.compaction_plan`'s docstring; the placement
 policy is :mod:`packinfer_sglang.placement`'s. Placement follows ``PACKINFER_COMPACT``: it runs only
@@ -60,6 +61,7 @@ class PackInferConfig:
     compact_place_every: int = 8
     kv_base: bool = False
     frag_log_every: int = 0
+    graph_launch: str = "flat"
 
     def __post_init__(self):
         if self.min_prefix_tokens < 1:
@@ -76,6 +78,8 @@ class PackInferConfig:
         for name in ("compact_every", "compact_horizon", "compact_max_tokens", "compact_place_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.graph_launch not in ("flat", "persistent"):
+            raise ValueError(f"graph_launch must be 'flat' or 'persistent', got {self.graph_launch!r}")
         if self.compact_min_gain <= 0 or self.compact_gather_penalty < 0:
             raise ValueError(f"compact_min_gain must be > 0 and compact_gather_penalty >= 0, got "
                              f"{self.compact_min_gain}, {self.compact_gather_penalty}")
@@ -105,7 +109,7 @@ def config_from_env(environ=None) -> PackInferConfig:
     for f in fields(PackInferConfig):
         raw = environ.get(f"PACKINFER_{f.name.upper()}")
         if raw is not None:
-            kwargs[f.name] = _parse(f.name, raw, {"int": int, "float": float, "bool": bool}[f.type])
+            kwargs[f.name] = _parse(f.name, raw, {"int": int, "float": float, "bool": bool, "str": str}[f.type])
     return PackInferConfig(**kwargs)
 
 

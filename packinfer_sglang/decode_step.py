@@ -67,20 +67,30 @@ class GraphBuffers:
     """Fixed-address metadata for packed decode inside SGLang's decode CUDA graphs.
 
     One set serves every captured batch size (one graph replays at a time): the plan tables and
-    ``kv_indices`` (:class:`StaticPlanBuffers`), the row permutation, and a fixed grid of
-    ``num_programs`` x ``num_kv_heads`` programs that loop over however many items a step has.
+    ``kv_indices`` (:class:`StaticPlanBuffers`), the row permutation, and a fixed grid per captured
+    batch size. ``launch="flat"`` (the default): ``grid_items(padded_bs)`` x ``num_kv_heads`` flat
+    programs, those past the step's units exiting at once; plans are capped at that many items.
+    ``launch="persistent"``: ``num_programs`` x ``num_kv_heads`` programs that loop over however many
+    items a step has. On the H200 the flat grid, even at 8 times the plan's units, was 1-35% faster
+    than the persistent pair on 11 sharing and no-sharing cases (``benchmarks/results/ab_grid_h200.json``).
     Partial states get ``PARTIALS_PER_REQUEST`` rows per (padded) request; plans are coarsened to fit.
-    ``waves``: resident programs per multiprocessor (the persistent kernel's occupancy), so
-    ``num_programs * num_kv_heads`` fills the GPU once. ``plain_waves``: the same for the kernel
-    compiled for plain decode (suffix-height tiles); when given, graphs capture both launches and
-    steps without prefix items run on that one (``plain_num_programs``).
+    ``waves``: resident programs per multiprocessor of the launch's kernel (its occupancy).
+    ``plain_waves``: the same for the kernel compiled for plain decode (suffix-height tiles); when
+    given, graphs capture both launches and steps without prefix items run on that one.
     """
 
     PARTIALS_PER_REQUEST = 16
+    # flat grids: items per padded request, and per program slot of one KV head (num_sms * waves /
+    # num_kv_heads). Every plan of the H200 kernel grid needs at most half of that (1 item per
+    # request for its suffix, prefix row blocks, and the splits that fill the slots).
+    FLAT_ITEMS_PER_REQUEST, FLAT_ITEMS_PER_SLOT = 2, 4
 
     def __init__(self, max_bs: int, max_context_len: int, num_kv_heads: int, num_sms: int,
-                 device: torch.device, waves: int = 2, plain_waves: int | None = None):
-        self.max_bs, self.waves, self.plain_waves = max_bs, waves, plain_waves
+                 device: torch.device, waves: int = 2, plain_waves: int | None = None, launch: str = "flat"):
+        if launch not in ("flat", "persistent"):
+            raise ValueError(f"launch must be 'flat' or 'persistent', got {launch!r}")
+        self.max_bs, self.waves, self.plain_waves, self.launch = max_bs, waves, plain_waves, launch
+        self.num_kv_heads, self.num_sms = num_kv_heads, num_sms
         most = max(waves, plain_waves or 0)
         self.plan = StaticPlanBuffers(max_bs, 8 * (max_bs + num_sms * most), max_bs * max_context_len, device)
         self.perm = torch.arange(max_bs, dtype=torch.int64, device=device)
@@ -90,6 +100,25 @@ class GraphBuffers:
 
     def num_partials(self, padded_bs: int) -> int:
         return padded_bs * self.PARTIALS_PER_REQUEST
+
+    def grid_items(self, padded_bs: int) -> int:
+        """Items (per KV head) of the flat grid captured for ``padded_bs``: the cap of its plans."""
+        slots = persistent_programs(self.num_sms, max(self.waves, self.plain_waves or 0), self.num_kv_heads)
+        return min(self.plan.max_items,
+                   self.FLAT_ITEMS_PER_REQUEST * padded_bs + self.FLAT_ITEMS_PER_SLOT * slots)
+
+    def max_items(self, padded_bs: int) -> int:
+        """Most items a plan for ``padded_bs`` may have."""
+        return self.grid_items(padded_bs) if self.launch == "flat" else self.plan.max_items
+
+    def write(self, work, gqa: int, padded_bs: int, num_kv_tokens: int | None):
+        """The plan of ``work`` in these buffers, with this launch's fixed grid for ``padded_bs``."""
+        if self.launch == "persistent":
+            return self.plan.write(work, gqa, self.num_programs, self.num_partials(padded_bs),
+                                   plain_num_programs=self.plain_num_programs, num_kv_tokens=num_kv_tokens)
+        grid = self.grid_items(padded_bs)
+        return self.plan.write(work, gqa, None, self.num_partials(padded_bs), num_kv_tokens=num_kv_tokens,
+                               grid_items=grid, plain_grid_items=None if self.plain_waves is None else grid)
 
 
 def _segments(groups: DecodeGroups, prefix: np.ndarray, suffix: np.ndarray):
@@ -159,7 +188,8 @@ def build_decode_step(
     gather_kv_indices(req_to_token, pool_rows, seg_dev[n_seg : 2 * n_seg], seg_dev[2 * n_seg :], kv_indices)
 
     gqa = num_qo_heads // num_kv_heads
-    limits = {} if graph is None else dict(max_items=graph.plan.max_items, max_partials=graph.num_partials(padded_bs))
+    limits = {} if graph is None else {"max_items": graph.max_items(padded_bs),
+                                       "max_partials": graph.num_partials(padded_bs)}
     if graph is not None:
         waves, plain_waves = graph.waves, graph.plain_waves
     plain = prefix_indptr[-1] == 0 and plain_waves is not None
@@ -172,9 +202,7 @@ def build_decode_step(
     if graph is None:
         perm = None if groups.is_identity else _to_device(groups.order, dev)
         return DecodeStep(make_plan(work, kv_indices, gqa, kv_base=kv_base), perm, groups)
-    plan = graph.plan.write(work, gqa, graph.num_programs, graph.num_partials(padded_bs),
-                            plain_num_programs=graph.plain_num_programs,
-                            num_kv_tokens=int(seg[-1]) if kv_base else None)
+    plan = graph.write(work, gqa, padded_bs, int(seg[-1]) if kv_base else None)
     perm = np.arange(padded_bs, dtype=np.int64)
     perm[:num_tokens] = groups.order
     copy_host_into(graph.perm, torch.from_numpy(perm))

@@ -17,8 +17,8 @@ values, on short-suffix, prefix-heavy and no-sharing cases, each planned and lau
 suffix units taken from ticket counters so that both kinds share each multiprocessor, at most
 ``pps`` prefix units per multiprocessor at once) against the default order, flat and persistent. ``--study
 grid``: the flat launch with 0, 1, 3 or 7 times the plan's units of extra programs that exit at once
-(``flat_grid_units``: what a flat grid fixed at a CUDA graph's capacity would cost) against the
-graphs' persistent pair, on sharing and no-sharing cases. Every variant is checked against the fp32
+(a static plan's ``grid_items``: what a flat grid fixed at a CUDA graph's capacity costs) against the
+persistent pair, on sharing and no-sharing cases. Every variant is checked against the fp32
 oracle, then timed like ``bench_kernel.py`` (CUDA-graph replay median, L2 warm); baselines are not
 re-timed (compare with the grid of the same GPU). Writes ``ab_<study>.json`` under ``--out-dir``.
 
@@ -210,15 +210,15 @@ def time_mix(kern, inp, ref, tol, *, mix=False, pps=1, gp=False, persistent=Fals
 
 GRID_CASES = ("B64_P4096_S256,B256_P2048_S256,B64_P256_S256,B8_P512_S64,B16_P2048_S512,B64_P4096_S256_qwen2.5-7b,"
               "B64_P4096_S256_llama3-70b-tp8,B256_P2048_S256_G8_qwen2.5-7b,B256_P0_S1024,B128_P0_S2048_het,B16_P0_S8192")
-# extra: flat programs past the plan's units, in multiples of them (flat_grid_units); None: the
-# decode graphs' launch (the persistent pair, programs from each one's occupancy)
+# extra: flat programs past the plan's units, in multiples of them (a static plan's grid_items);
+# None: the persistent pair, programs from each one's occupancy
 GRID_VARIANTS = [{"extra": 0}, {"extra": 1}, {"extra": 3}, {"extra": 7}, {"extra": None}]
 
 
 def time_grid(kern, inp, ref, tol, *, extra=0) -> dict:
     """Ours planned as in serving (default launch); flat with ``extra`` times the plan's units of
     programs that exit at once (what a flat grid fixed at a CUDA graph's capacity costs), or, with
-    ``extra`` None, the graphs' persistent pair."""
+    ``extra`` None, the persistent pair (``PACKINFER_GRAPH_LAUNCH=persistent``)."""
     from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of, persistent_programs
     dev, dtype = inp.q.device, inp.k_buffer.dtype
     num_qo_heads, num_kv_heads, head_dim = inp.q.shape[1], inp.k_buffer.shape[1], inp.q.shape[2]
@@ -230,9 +230,9 @@ def time_grid(kern, inp, ref, tol, *, extra=0) -> dict:
                              plain_num_programs=persistent_programs(sms, occ[True], num_kv_heads))
         return {"items": plan.num_items, "persistent": True, **run_checked(kern, inp, plan, ref, tol)[1]}
     plan = kern.plan_packed_cascade(*inp[3:8], num_qo_heads, num_kv_heads, head_dim=head_dim, dtype=dtype)
-    units = plan.num_items * num_kv_heads
-    return {"items": plan.num_items, "grid_units": units * (1 + extra),
-            **run_checked(kern, inp, plan, ref, tol, flat_grid_units=units * (1 + extra))[1]}
+    plan = plan._replace(grid_items=plan.num_items * (1 + extra))  # flat, as a static plan (merge always runs)
+    return {"items": plan.num_items, "grid_units": plan.grid_items * num_kv_heads,
+            **run_checked(kern, inp, plan, ref, tol)[1]}
 
 
 def run_one(study, kern, inp, ref, tol, var, persistent, orders, planner, case) -> dict:

@@ -45,3 +45,10 @@ def test_fragmentation_log_period():
     assert config_from_env({"PACKINFER_FRAG_LOG_EVERY": "50"}).frag_log_every == 50
     with pytest.raises(ValueError, match="frag_log_every must be >= 0"):
         config_from_env({"PACKINFER_FRAG_LOG_EVERY": "-1"})
+
+
+def test_graph_launch():
+    assert PackInferConfig().graph_launch == "flat"
+    assert config_from_env({"PACKINFER_GRAPH_LAUNCH": "persistent"}).graph_launch == "persistent"
+    with pytest.raises(ValueError, match="graph_launch must be 'flat' or 'persistent'"):
+        config_from_env({"PACKINFER_GRAPH_LAUNCH": "tiled"})

@@ -211,12 +211,17 @@ def test_gather_prefetch_equals_flat(launch, structure):
 
 @pytest.mark.parametrize("structure", ["mixed", "singletons", "big_group"])
 @pytest.mark.parametrize("extra", [0, 1, 13])
-def test_flat_grid_units_equals_flat(structure, extra):
-    """The larger-flat-grid experiment (``flat_grid_units``): programs past the plan's units exit and
-    write nothing, so the output equals the exact grid's; fewer programs than units is refused."""
+@pytest.mark.parametrize("pair", [False, True])
+def test_fixed_flat_grid_equals_flat(structure, extra, pair):
+    """Static plans launched flat (``grid_items``, the CUDA graphs' default): programs past the plan's
+    units exit and write nothing; with the pair (``plain_grid_items``) the launch whose tiles do not
+    match the plan finds nothing to do."""
     args = make_batch(*STRUCTURES[structure], 8, 2, 64, torch.float16)
     plan = plan_packed_cascade(*args[3:], 8, 2, prefix_chunk=64, suffix_chunk=64)
-    units = plan.num_items * 2
-    check_launch(args, torch.float16, "flat", chunks=(64, 64), flat_grid_units=units + extra)
-    with pytest.raises(ValueError, match="flat_grid_units"):
-        run_packed_cascade(*args[:3], plan, 0.125, torch.empty_like(args[0]), flat_grid_units=units - 1)
+    grid = plan.num_items + extra
+    plan = plan._replace(grid_items=grid, plain_grid_items=grid if pair else None, has_prefix=True)
+    ref = packed_cascade_attention_ref(*args, 0.125)[0]
+    for _ in range(2):
+        out = torch.full_like(args[0], float("nan"))
+        run_packed_cascade(*args[:3], plan, 0.125, out)
+        assert torch.isfinite(out).all() and rel_err(out, ref) < TOL[torch.float16]
