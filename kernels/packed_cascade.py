@@ -572,7 +572,9 @@ def run_packed_cascade(
     unwritten there; benchmarks/NOTES.md, session 9). ``gather_prefetch`` (on): index-list
     chunks load the next block's slot ids into registers a block ahead, so the K/V copies pipeline
     ``num_stages`` deep (H200, ``ab_prefix_gp_h200.json``: flat 6-17% faster on 13 of 14 prefix cases;
-    persistent 7-13% faster on the large ones, 7-12% slower on the smallest)."""
+    persistent 7-13% faster on the large ones, 7-12% slower on the smallest). Plans launch per
+    their fields: eager (one program per item and head), a static plan's fixed flat grid
+    (``grid_items``, the CUDA graphs' default) or its persistent grid (``num_programs``)."""
     if mix and plan.num_programs is not None and q.device.type == "cuda":
         raise NotImplementedError(
             "run_packed_cascade(mix=True) with a persistent plan left 32-39% of the output unwritten on the H200 "

@@ -29,8 +29,10 @@ POINTERS = {"Q": "*bf16", "K_Buffer": "*bf16", "V_Buffer": "*bf16", "Out": "*bf1
             "LSE_Partial": "*fp32", "LSE_Out": "*fp32", "KV_Indices": "*i32", "KV_Base": "*i32", "Items": "*i32",
             "Counts": "*i32", "Merge_Indptr": "*i32", "Sched": "*i32"}
 # the default launch (slot ids prefetched, 64-row prefix tiles), the H200's plain-decode launch, the
-# eager plain tiles elsewhere, then the launches without the prefetch and the experiments
+# CUDA graphs' flat launches (guard: programs past the plan's units exit), the eager plain tiles
+# elsewhere, then the launches without the prefetch and the experiments
 DEFAULT_VARIANTS = ("", "persistent=1", "block_n=128,stages=2,pbm=16", "block_n=128,stages=2,pbm=16,persistent=1",
+                    "guard=1", "guard=1,block_n=128,stages=2,pbm=16",
                     "pbm=16", "prefetch=0", "prefetch=0,persistent=1", "prefetch=0,block_n=128,stages=2,pbm=16",
                     "prefetch=0,pbm=16", "mix=1", "mix=1,persistent=1", "overlap=1", "overlap=1,persistent=1",
                     "stages=2", "block_n=32,maxnreg=168", "pbm=128,warps=8", "kv_base=1")

@@ -9,7 +9,8 @@ section, clocks left alone (``--clock-control none``, as the device notes ask). 
 not profiled. Writes, under ``--out-dir``: ``ncu_<case>.csv`` (ncu's raw page, every metric
 collected) and ``ncu_profile.json`` / ``.md`` with the metrics that say where the time goes: duration,
 tensor-pipe and issue utilization, L2 and DRAM throughput, the L2 hit rate and the top warp stall
-reasons (cycles per issued instruction).
+reasons (warps stalled per issued instruction). ``--summarize-only`` rebuilds the JSON and table
+from the CSVs already in ``--out-dir``.
 
     python scripts/profile_ncu.py --cases B64_P4096_S32,B64_P4096_S256 --out-dir out/ncu
 """
@@ -35,19 +36,18 @@ CALLS, SKIP = 6, 3  # calls of the kernel per child; ncu skips the first SKIP (J
 METRICS = (
     ("duration us", "gpu__time_duration.sum"),
     ("SM busy %", "sm__throughput.avg.pct_of_peak_sustained_elapsed"),
-    ("issue active %", "sm__inst_issued.avg.pct_of_peak_sustained_active"),
-    ("tensor pipe %", "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active"),
-    ("tensor pipe % (hmma)", "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active"),
+    ("issue active %", "sm__issue_active.avg.pct_of_peak_sustained_elapsed"),
+    ("tensor pipe %", "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active"),
     ("memory busy %", "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed"),
-    ("L2 %", "lts__t_sectors.avg.pct_of_peak_sustained_elapsed"),
+    ("L2 busy %", "lts__throughput.avg.pct_of_peak_sustained_elapsed"),
     ("L2 hit %", "lts__t_sector_hit_rate.pct"),
-    ("DRAM %", "dram__throughput.avg.pct_of_peak_sustained_elapsed"),
-    ("DRAM GB", "dram__bytes.sum"),
+    ("DRAM busy %", "dram__cycles_active.avg.pct_of_peak_sustained_elapsed"),
+    ("DRAM read GB", "dram__bytes_read.sum"),
     ("L2 to SM GB", "lts__t_sectors_srcunit_tex_op_read.sum"),
     ("warps active / SM", "sm__warps_active.avg.per_cycle_active"),
 )
-STALL_PREFIX = "smsp__average_warp_latency_issue_stalled_"
-STALL_SUFFIX = ".ratio"
+# warps stalled per issued instruction, by reason ("selected", the issuing warp, left out)
+STALL_PREFIX, STALL_SUFFIX = "smsp__average_warps_issue_stalled_", "_per_issue_active.ratio"
 
 
 def run_case(spec: str) -> None:
@@ -75,7 +75,8 @@ def run_case(spec: str) -> None:
     print(f"{spec}: {plan.num_items} items, {plan.num_partials} partials", flush=True)
 
 
-UNIT_SCALE = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6,  # to microseconds
+UNIT_SCALE = {"ns": 1e-3, "us": 1.0, "ms": 1e3, "s": 1e6,  # to microseconds (ncu 2025 writes "ns")
+              "nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6,
               "byte": 1e-9, "Kbyte": 1e-6, "Mbyte": 1e-3, "Gbyte": 1.0, "Tbyte": 1e3}  # to GB
 
 
@@ -108,6 +109,7 @@ def summarize(spec: str, raw: dict[str, tuple[str, str]]) -> dict:
         row["L2 to SM GB"] = row["L2 to SM GB"] * 32 / 1e9  # sectors of 32 bytes
     stalls = {k[len(STALL_PREFIX):-len(STALL_SUFFIX)]: number(v) for k, v in raw.items()
               if k.startswith(STALL_PREFIX) and k.endswith(STALL_SUFFIX) and number(v)}
+    stalls.pop("selected", None)
     row["stalls"] = dict(sorted(stalls.items(), key=lambda kv: -kv[1]))
     row["top stalls"] = ", ".join(f"{k} {v:.1f}" for k, v in list(row["stalls"].items())[:4])
     return row
@@ -119,6 +121,7 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", type=Path, default=Path("out/ncu"))
     p.add_argument("--ncu", default=shutil.which("ncu") or "/usr/local/cuda/bin/ncu")
     p.add_argument("--timeout-s", type=float, default=240.0, help="per case")
+    p.add_argument("--summarize-only", action="store_true", help="rebuild the report from --out-dir's CSVs")
     p.add_argument("--run-case", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.run_case:
@@ -128,6 +131,10 @@ def main(argv=None) -> int:
     rows, failures = [], {}
     for spec in args.cases.split(","):
         csv_path = args.out_dir / f"ncu_{spec.replace(':', '_')}.csv"
+        if args.summarize_only:
+            if csv_path.exists():
+                rows.append(summarize(spec, read_raw(csv_path)))
+            continue
         cmd = [args.ncu, "--clock-control", "none", "--target-processes", "all", "-k", f"regex:{KERNEL}",
                "--launch-skip", str(SKIP), "--launch-count", "1", "--set", "detailed", "--section", "WarpStateStats",
                "--csv", "--page", "raw", "--print-units", "base", sys.executable, __file__, "--run-case", spec]
@@ -146,15 +153,19 @@ def main(argv=None) -> int:
             print(failures[spec], flush=True)
             continue
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "stalls"}), flush=True)
-    import bench_kernel as bk
-    import torch
-    meta = bk.environment(torch.device("cuda"))
-    (args.out_dir / "ncu_profile.json").write_text(json.dumps({"meta": meta, "rows": rows, "failures": failures},
+    meta_path = args.out_dir / "ncu_profile.json"
+    if args.summarize_only and meta_path.exists():  # keep the GPU run's environment
+        meta = json.loads(meta_path.read_text())["meta"]
+    else:
+        import bench_kernel as bk
+        import torch
+        meta = bk.environment(torch.device("cuda"))
+    meta_path.write_text(json.dumps({"meta": meta, "rows": rows, "failures": failures},
                                                               indent=1) + "\n")
     cols = [c for c, _ in METRICS] + ["top stalls"]
     lines = [f"# ncu counters of {KERNEL}", "", f"- GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}",
              ("- ncu --set detailed --section WarpStateStats --clock-control none; one call after "
-              f"{SKIP} warm ones; stalls: cycles per issued instruction"), "",
+              f"{SKIP} warm ones; stalls: warps stalled per issued instruction, by reason"), "",
              "| case | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     fmt = lambda v: "" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
     lines += [f"| {r['case']} | " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]

@@ -172,13 +172,14 @@ def test_profile_ncu_reads_the_raw_page(tmp_path):
     pn = _load_script("profile_ncu")
     raw = tmp_path / "raw.csv"
     raw.write_text('==PROF== Connected to process 1\nB64_P4096_S32: 96 items, 576 partials\n'
-                   '"ID","Kernel Name","gpu__time_duration.sum","dram__bytes.sum","lts__t_sectors_srcunit_tex_op_read.sum",'
-                   '"smsp__average_warp_latency_issue_stalled_wait.ratio",'
-                   '"smsp__average_warp_latency_issue_stalled_long_scoreboard.ratio"\n'
-                   '"","","nsecond","byte","sector","",""\n'
-                   '"0","_packed_attn_partial_kernel","30,500","84,000,000","2,000,000","3.5","12.25"\n')
+                   '"ID","Kernel Name","gpu__time_duration.sum","dram__bytes_read.sum","lts__t_sectors_srcunit_tex_op_read.sum",'
+                   '"smsp__average_warps_issue_stalled_wait_per_issue_active.ratio",'
+                   '"smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio",'
+                   '"smsp__average_warps_issue_stalled_selected_per_issue_active.ratio"\n'
+                   '"","","ns","byte","sector","","",""\n'
+                   '"0","_packed_attn_partial_kernel","30,500","84,000,000","2,000,000","3.5","12.25","1.0"\n')
     row = pn.summarize("B64_P4096_S32", pn.read_raw(raw))
-    assert row["duration us"] == pytest.approx(30.5) and row["DRAM GB"] == pytest.approx(0.084)
+    assert row["duration us"] == pytest.approx(30.5) and row["DRAM read GB"] == pytest.approx(0.084)
     assert row["L2 to SM GB"] == pytest.approx(0.064) and row["tensor pipe %"] is None
     assert list(row["stalls"]) == ["long_scoreboard", "wait"]
     assert row["top stalls"] == "long_scoreboard 12.2, wait 3.5"
