@@ -153,15 +153,10 @@ def _attend_kv(
     q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, kv_base, kv_head, sm_scale_log2,
     stride_kt, stride_kh, stride_vt, stride_vh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr, CONTIGUOUS: tl.constexpr, OVERLAP: tl.constexpr = False,
-    PREFETCH_SLOTS: tl.constexpr = False,
+    DOT_FP32: tl.constexpr, CONTIGUOUS: tl.constexpr, PREFETCH_SLOTS: tl.constexpr = False,
 ):
     """Online softmax of a tile's rows ``q`` over one KV chunk: whole blocks, then the partial last
-    one; returns ``(m_i, l_i, acc)`` (``m_i`` in base 2, ``acc`` unnormalized). ``OVERLAP`` (an
-    experiment after FlashAttention-3's intra-warpgroup pipelining, Sec. 3.2): the scores of block
-    ``i + 1`` are issued before the softmax of block ``i``, meant for the tensor cores to compute
-    them while the softmax runs; Triton 3.6 on sm_90 still waits for that wgmma at once, and only
-    the K/V copies gain a group in flight (benchmarks/NOTES.md, session 8). ``PREFETCH_SLOTS`` (the
+    one; returns ``(m_i, l_i, acc)`` (``m_i`` in base 2, ``acc`` unnormalized). ``PREFETCH_SLOTS`` (the
     default of :func:`run_packed_cascade`, index-list chunks): the next block's slot ids are loaded
     into registers one iteration ahead. Triton 3.6 then pipelines the K/V copies 3 deep on sm_90
     (``async_wait num = 2``); through its own shared-memory copy of the slot ids it waits for every
@@ -170,23 +165,7 @@ def _attend_kv(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     kv_full = kv_len // BLOCK_N * BLOCK_N
-    if OVERLAP:
-        if kv_full > 0:
-            first = _block_slots(KV_Indices, kv_start, kv_base, 0, BLOCK_N, CONTIGUOUS)
-            k = _load_rows(K_Buffer, first, kv_head, stride_kt, stride_kh, HEAD_DIM, BLOCK_D)
-            qk = _scores(q, k, sm_scale_log2, DOT_FP32)
-            for start_n in range(0, kv_full - BLOCK_N, BLOCK_N):
-                slots_next = _block_slots(KV_Indices, kv_start, kv_base, start_n + BLOCK_N, BLOCK_N, CONTIGUOUS)
-                k_next = _load_rows(K_Buffer, slots_next, kv_head, stride_kt, stride_kh, HEAD_DIM, BLOCK_D)
-                qk_next = _scores(q, k_next, sm_scale_log2, DOT_FP32)
-                slots = _block_slots(KV_Indices, kv_start, kv_base, start_n, BLOCK_N, CONTIGUOUS)
-                v = _load_rows(V_Buffer, slots, kv_head, stride_vt, stride_vh, HEAD_DIM, BLOCK_D)
-                m_i, l_i, acc = _softmax_pv(qk, v, m_i, l_i, acc, DOT_FP32)
-                qk = qk_next
-            last = _block_slots(KV_Indices, kv_start, kv_base, kv_full - BLOCK_N, BLOCK_N, CONTIGUOUS)
-            v = _load_rows(V_Buffer, last, kv_head, stride_vt, stride_vh, HEAD_DIM, BLOCK_D)
-            m_i, l_i, acc = _softmax_pv(qk, v, m_i, l_i, acc, DOT_FP32)
-    elif PREFETCH_SLOTS and not CONTIGUOUS and BLOCK_D == HEAD_DIM:
+    if PREFETCH_SLOTS and not CONTIGUOUS and BLOCK_D == HEAD_DIM:
         offs_n = tl.arange(0, BLOCK_N)
         slots_next = tl.load(KV_Indices + kv_start + offs_n, mask=offs_n < kv_full, other=0)
         for start_n in range(0, kv_full, BLOCK_N):
@@ -217,7 +196,7 @@ def _attend_item(
     stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
     GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, STORE_LSE: tl.constexpr,
-    HAS_KV_BASE: tl.constexpr, OVERLAP: tl.constexpr = False, PREFETCH_SLOTS: tl.constexpr = False,
+    HAS_KV_BASE: tl.constexpr, PREFETCH_SLOTS: tl.constexpr = False,
 ):
     """One work item (a tile of query rows against one KV chunk) for one KV head. Rows of a
     request with one partial in the plan are final: written to ``Out`` (and ``LSE_Out``) here.
@@ -242,15 +221,15 @@ def _attend_item(
         if kv_base >= 0:  # one run of consecutive slots (a compacted prefix, a placed suffix)
             m_i, l_i, acc = _attend_kv(q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, kv_base, kv_head,
                                        sm_scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
-                                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_FP32, True, OVERLAP, PREFETCH_SLOTS)
+                                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_FP32, True, PREFETCH_SLOTS)
         else:
             m_i, l_i, acc = _attend_kv(q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, kv_base, kv_head,
                                        sm_scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
-                                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_FP32, False, OVERLAP, PREFETCH_SLOTS)
+                                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_FP32, False, PREFETCH_SLOTS)
     else:
         m_i, l_i, acc = _attend_kv(q, K_Buffer, V_Buffer, KV_Indices, kv_start, kv_len, kv_start, kv_head,
                                    sm_scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
-                                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_FP32, False, OVERLAP, PREFETCH_SLOTS)
+                                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_FP32, False, PREFETCH_SLOTS)
 
     first = tl.load(Merge_Indptr + tok, mask=mask_m, other=0)
     final = mask_m & (tl.load(Merge_Indptr + tok + 1, mask=mask_m, other=0) - first == 1)
@@ -268,67 +247,15 @@ def _attend_item(
 
 
 @triton.jit
-def _sm_id(HW_SMID: tl.constexpr, num_sms):
-    """The multiprocessor this program runs on (``%smid``); off the GPU (the interpreter) a stand-in,
-    the linear program id modulo ``num_sms``."""
-    if HW_SMID:
-        return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [tl.program_id(0)], dtype=tl.int32,
-                                         is_pure=False, pack=1)
-    else:
-        return (tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)) % num_sms
-
-
-@triton.jit
-def _take_unit(Sched, running, prefix_units, suffix_units, prefix_per_sm):
-    """Takes a work unit (an item and KV head, numbered prefix units first) from the two ticket
-    counters ``Sched[0]`` (prefix) and ``Sched[1]`` (suffix): a prefix unit while fewer than
-    ``prefix_per_sm`` prefix units run on this program's multiprocessor (``running``), else a
-    suffix unit, else whatever is left; -1 when both are exhausted. A failed ticket only means that
-    kind is exhausted, so a launch of exactly ``prefix_units + suffix_units`` programs gives every
-    program one unit."""
-    none = prefix_units * 0 - 1
-    # An atomic, not a volatile load: Triton broadcasts a scalar atomic's result to the whole
-    # program, while every thread runs a volatile load itself and may read another value while other
-    # programs on the multiprocessor change the counter; threads that disagree take different
-    # branches and deadlock at the next barrier (the H200 hang of session 9 with prefix_per_sm 1)
-    want_prefix = (tl.atomic_add(running, 0) < prefix_per_sm).to(tl.int32)
-    unit = none
-    if want_prefix == 1:
-        t = tl.atomic_add(Sched, 1)
-        if t < prefix_units:
-            unit = t
-    if unit < 0:
-        t = tl.atomic_add(Sched + 1, 1)
-        if t < suffix_units:
-            unit = prefix_units + t
-    if (unit < 0) & (want_prefix == 0):
-        t = tl.atomic_add(Sched, 1)
-        if t < prefix_units:
-            unit = t
-    return unit
-
-
-@triton.jit
-def _release_sched(Sched, num_programs):
-    """Counts this program out; the last one resets the ticket counters for the next launch (which the
-    stream orders after this one). Every program has taken its last ticket before it counts out."""
-    if tl.atomic_add(Sched + 2, 1) == num_programs - 1:
-        tl.atomic_xchg(Sched, 0)
-        tl.atomic_xchg(Sched + 1, 0)
-        tl.atomic_xchg(Sched + 2, 0)
-
-
-@triton.jit
 def _packed_attn_partial_kernel(
     Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Counts, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
-    Sched, sm_scale_log2, num_sms, prefix_per_sm,
+    sm_scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
     GQA: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PREFIX_BLOCK_M: tl.constexpr, SUFFIX_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, PERSISTENT: tl.constexpr, STORE_LSE: tl.constexpr, ROLE: tl.constexpr,
-    HAS_KV_BASE: tl.constexpr, MIX: tl.constexpr, HW_SMID: tl.constexpr, PREFIX_OVERLAP: tl.constexpr,
-    GATHER_PREFETCH: tl.constexpr, GUARD_UNITS: tl.constexpr = False,
+    HAS_KV_BASE: tl.constexpr, GATHER_PREFETCH: tl.constexpr, GUARD_UNITS: tl.constexpr,
 ):
     """Prefix items (``PREFIX_BLOCK_M`` rows: a group's requests x GQA) then suffix items
     (``SUFFIX_BLOCK_M`` rows: one request x GQA), all in one launch. ``Counts`` holds
@@ -343,39 +270,9 @@ def _packed_attn_partial_kernel(
     (graphs: persistent or ``GUARD_UNITS``): 0 runs every plan; a graph captures a pair, 1 (compiled
     with 64-row prefix tiles) running plans with prefix items and 2 (compiled with suffix-height
     tiles: fewer registers, more resident programs) running plans without, the other one of the
-    pair finding nothing to do.
-
-    ``MIX`` (an experiment, off by default; POD-Attention's SM-aware scheduling): programs take
-    units from ticket counters in ``Sched`` instead, a prefix unit (tensor-core bound) while fewer
-    than ``prefix_per_sm`` run on their multiprocessor and a suffix unit (memory bound) otherwise,
-    so both kinds share each multiprocessor instead of running in two phases. Flat: one unit per
-    program. Persistent: each program takes units until none is left, over all heads."""
+    pair finding nothing to do."""
     num_prefix_items = tl.load(Counts + 1)
-    if MIX:
-        num_items = tl.load(Counts)
-        if ROLE == 1:
-            num_items = tl.where(num_prefix_items > 0, num_items, 0)
-        prefix_units = num_prefix_items * NUM_KV_HEADS
-        suffix_units = (num_items - num_prefix_items) * NUM_KV_HEADS
-        running = Sched + 3 + _sm_id(HW_SMID, num_sms)
-        unit = _take_unit(Sched, running, prefix_units, suffix_units, prefix_per_sm)
-        while unit >= 0:
-            is_prefix = unit < prefix_units
-            if is_prefix:
-                tl.atomic_add(running, 1)
-            _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, O_Partial, LSE_Partial, Out,
-                        LSE_Out, unit // NUM_KV_HEADS, num_prefix_items, unit % NUM_KV_HEADS, sm_scale_log2,
-                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_pr, stride_ph,
-                        stride_lr, stride_ot, stride_oh, stride_lt, GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M,
-                        SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE, HAS_KV_BASE, PREFIX_OVERLAP, GATHER_PREFETCH)
-            if is_prefix:
-                tl.atomic_add(running, -1)
-            if PERSISTENT:
-                unit = _take_unit(Sched, running, prefix_units, suffix_units, prefix_per_sm)
-            else:
-                unit = prefix_units * 0 - 1  # flat: one unit per program
-        _release_sched(Sched, tl.num_programs(0) * tl.num_programs(1))
-    elif PERSISTENT:
+    if PERSISTENT:
         num_items = tl.load(Counts)
         if ROLE == 1:
             num_items = tl.where(num_prefix_items > 0, num_items, 0)
@@ -386,7 +283,7 @@ def _packed_attn_partial_kernel(
                         LSE_Out, item, num_prefix_items, tl.program_id(1), sm_scale_log2, stride_qt, stride_qh,
                         stride_kt, stride_kh, stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot, stride_oh,
                         stride_lt, GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32,
-                        STORE_LSE, HAS_KV_BASE, PREFIX_OVERLAP, GATHER_PREFETCH)
+                        STORE_LSE, HAS_KV_BASE, GATHER_PREFETCH)
     else:
         unit = tl.program_id(0)
         live = True
@@ -402,7 +299,7 @@ def _packed_attn_partial_kernel(
                         unit // NUM_KV_HEADS, num_prefix_items, unit % NUM_KV_HEADS, sm_scale_log2, stride_qt, stride_qh,
                         stride_kt, stride_kh, stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot,
                         stride_oh, stride_lt, GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, SUFFIX_BLOCK_M, BLOCK_N,
-                        DOT_FP32, STORE_LSE, HAS_KV_BASE, PREFIX_OVERLAP, GATHER_PREFETCH)
+                        DOT_FP32, STORE_LSE, HAS_KV_BASE, GATHER_PREFETCH)
 
 
 @triton.jit
@@ -413,35 +310,21 @@ def _attend_any(
     stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
     GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PREFIX_BLOCK_M: tl.constexpr, SUFFIX_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr, STORE_LSE: tl.constexpr, HAS_KV_BASE: tl.constexpr, PREFIX_OVERLAP: tl.constexpr,
-    GATHER_PREFETCH: tl.constexpr,
+    DOT_FP32: tl.constexpr, STORE_LSE: tl.constexpr, HAS_KV_BASE: tl.constexpr, GATHER_PREFETCH: tl.constexpr,
 ):
     """A prefix item (``item < num_prefix_items``) or a suffix item, each with its tile height
-    (``PREFIX_OVERLAP``: prefix tiles with :func:`_attend_kv`'s ``OVERLAP``; ``GATHER_PREFETCH``:
-    both with its ``PREFETCH_SLOTS``)."""
+    (``GATHER_PREFETCH``: both with :func:`_attend_kv`'s ``PREFETCH_SLOTS``)."""
     if item < num_prefix_items:
         _attend_item(Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
                      item, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
                      stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
-                     GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE, HAS_KV_BASE, PREFIX_OVERLAP, GATHER_PREFETCH)
+                     GQA, HEAD_DIM, BLOCK_D, PREFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE, HAS_KV_BASE, GATHER_PREFETCH)
     else:
         _attend_item(Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
                      item, kv_head, sm_scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
                      stride_vt, stride_vh, stride_pr, stride_ph, stride_lr, stride_ot, stride_oh, stride_lt,
-                     GQA, HEAD_DIM, BLOCK_D, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE, HAS_KV_BASE, False,
+                     GQA, HEAD_DIM, BLOCK_D, SUFFIX_BLOCK_M, BLOCK_N, DOT_FP32, STORE_LSE, HAS_KV_BASE,
                      GATHER_PREFETCH)
-
-
-SCHED_SLOTS = 1024  # per-multiprocessor counters of the MIX scheduler (above any %smid)
-
-
-@functools.cache
-def _sched_buffer(device: torch.device) -> torch.Tensor:
-    """int32 ``[3 + SCHED_SLOTS]`` zeros: the MIX scheduler's prefix and suffix tickets, programs
-    counted out, and prefix units running per multiprocessor. Launches leave it zeroed (the last
-    program out resets the counters; every increment per multiprocessor is undone), so one buffer
-    per device serves every launch on one stream, CUDA-graph replays included."""
-    return torch.zeros(3 + SCHED_SLOTS, dtype=torch.int32, device=device)
 
 
 def num_sms_of(device: torch.device) -> int:
@@ -467,7 +350,7 @@ def kernel_occupancy(
     device: torch.device, dtype: torch.dtype, head_dim: int, gqa_group_size: int, *,
     prefix_block_m: int = PREFIX_BLOCK_M, block_n: int | None = None, num_warps: int | None = None,
     num_stages: int | None = None, persistent: bool = False, has_kv_base: bool = False, plain: bool = False,
-    maxnreg: int | None = None, prefix_overlap: bool = False, gather_prefetch: bool = True,
+    maxnreg: int | None = None, gather_prefetch: bool = True,
 ) -> int:
     """Programs of the partial kernel resident at once on one multiprocessor (registers, shared
     memory, threads), from the compiled kernel for this configuration (compiled here if needed);
@@ -485,13 +368,13 @@ def kernel_occupancy(
     i32 = torch.zeros(16, dtype=torch.int32, device=device)
     f32 = torch.zeros(16, gqa_group_size, head_dim, dtype=torch.float32, device=device)
     compiled = _packed_attn_partial_kernel.warmup(
-        q, kv, kv, i32, i32, i32, i32, i32, f32, f32[:, :, 0], q, f32[:, :, 0], i32, 1.0, 132, 1, q.stride(0), q.stride(1),
+        q, kv, kv, i32, i32, i32, i32, i32, f32, f32[:, :, 0], q, f32[:, :, 0], 1.0, q.stride(0), q.stride(1),
         kv.stride(0), kv.stride(1), kv.stride(0), kv.stride(1), f32.stride(0), f32.stride(1), gqa_group_size,
         q.stride(0), q.stride(1), gqa_group_size,
         GQA=gqa_group_size, NUM_KV_HEADS=1, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         PREFIX_BLOCK_M=prefix_block_m, SUFFIX_BLOCK_M=suffix_block_m_for(gqa_group_size), BLOCK_N=block_n,
-        DOT_FP32=False, PERSISTENT=persistent, STORE_LSE=False, ROLE=0, HAS_KV_BASE=has_kv_base, MIX=False,
-        HW_SMID=True, PREFIX_OVERLAP=prefix_overlap and not plain, GATHER_PREFETCH=gather_prefetch,
+        DOT_FP32=False, PERSISTENT=persistent, STORE_LSE=False, ROLE=0, HAS_KV_BASE=has_kv_base,
+        GATHER_PREFETCH=gather_prefetch, GUARD_UNITS=False,
         num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),
         grid=(1, 1) if persistent else (1,),
@@ -553,10 +436,7 @@ def run_packed_cascade(
     num_warps: int | None = None,
     num_stages: int | None = None,
     merge_block_p: int = MERGE_BLOCK_P,
-    mix: bool = False,
-    mix_prefix_per_sm: int = 1,
     maxnreg: int | None = None,
-    prefix_overlap: bool = False,
     gather_prefetch: bool = True,
 ) -> None:
     """Runs a planned step for one layer, writing ``out`` (and ``lse``) in place. Inputs unchecked:
@@ -565,20 +445,13 @@ def run_packed_cascade(
     so it can be captured in a CUDA graph. ``block_n`` (KV tokens per inner step; default
     :data:`BLOCK_N`, and :func:`plain_launch`'s for the plain-decode launch), ``num_warps`` (default:
     4 for tiles up to 64 x 128, else 8), ``num_stages`` (default as ``block_n``) and
-    ``merge_block_p`` (partials a merge program loads at once) are launch tuning only. ``mix``: the
-    SM-aware scheduling experiment (``MIX`` of the kernel, at most ``mix_prefix_per_sm`` prefix units
-    per multiprocessor at once) for launches that may hold prefix items; off: flat, 10-25% slower
-    than the default on the H200; persistent, refused on CUDA (NotImplementedError: it left rows
-    unwritten there; benchmarks/NOTES.md, session 9). ``gather_prefetch`` (on): index-list
-    chunks load the next block's slot ids into registers a block ahead, so the K/V copies pipeline
-    ``num_stages`` deep (H200, ``ab_prefix_gp_h200.json``: flat 6-17% faster on 13 of 14 prefix cases;
-    persistent 7-13% faster on the large ones, 7-12% slower on the smallest). Plans launch per
+    ``merge_block_p`` (partials a merge program loads at once) are launch tuning only.
+    ``gather_prefetch`` (on): index-list chunks load the next block's slot ids into registers a
+    block ahead, so the K/V copies pipeline ``num_stages`` deep (H200, ``ab_prefix_gp_h200.json``:
+    flat 6-17% faster on 13 of 14 prefix cases; persistent 7-13% faster on the large ones, 7-12%
+    slower on the smallest). Plans launch per
     their fields: eager (one program per item and head), a static plan's fixed flat grid
     (``grid_items``, the CUDA graphs' default) or its persistent grid (``num_programs``)."""
-    if mix and plan.num_programs is not None and q.device.type == "cuda":
-        raise NotImplementedError(
-            "run_packed_cascade(mix=True) with a persistent plan left 32-39% of the output unwritten on the H200 "
-            "(benchmarks/NOTES.md, session 9; cause not found); use a flat plan (num_programs None) or mix=False")
     _, num_qo_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
     gqa = num_qo_heads // num_kv_heads
@@ -586,10 +459,8 @@ def run_packed_cascade(
     lse_partial = torch.empty(plan.num_partials, num_qo_heads, dtype=torch.float32, device=q.device)
     lse_arg = lse if lse is not None else lse_partial
     kv_base = plan.kv_indices if plan.kv_base is None else plan.kv_base
-    sched = _sched_buffer(q.device) if mix else plan.counts
     args = (q, k_buffer, v_buffer, plan.kv_indices, kv_base, plan.items, plan.counts, plan.merge_indptr,
-            o_partial, lse_partial, out, lse_arg, sched, sm_scale * 1.4426950408889634, num_sms_of(q.device) if mix else 1,
-            mix_prefix_per_sm,
+            o_partial, lse_partial, out, lse_arg, sm_scale * 1.4426950408889634,
             q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
             v_buffer.stride(0), v_buffer.stride(1), o_partial.stride(0), o_partial.stride(1),
             lse_partial.stride(0), out.stride(0), out.stride(1), lse_arg.stride(0))
@@ -602,7 +473,6 @@ def run_packed_cascade(
             BLOCK_N=block_n or default_n,
             DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16, PERSISTENT=persistent,
             STORE_LSE=lse is not None, ROLE=role, HAS_KV_BASE=plan.kv_base is not None,
-            MIX=mix and not plain, HW_SMID=q.device.type == "cuda", PREFIX_OVERLAP=prefix_overlap and not plain,
             GATHER_PREFETCH=gather_prefetch, GUARD_UNITS=guard, num_warps=num_warps or default_num_warps(prefix_block_m, head_dim),
             num_stages=num_stages or default_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         )

@@ -12,10 +12,10 @@ or 16 of a row's partials at once (``merge_block_p``), on the anchors, the misse
 no-sharing cases, with the merge launch timed alone too. ``--study planner``: the planner's per-item
 overhead (``ITEM_OVERHEAD_TOKENS``) and per-row partial cost (``PARTIAL_ROW_TOKENS``) set to other
 values, on short-suffix, prefix-heavy and no-sharing cases, each planned and launched as
-``bench_kernel.py`` (flat) and SGLang's decode graphs (persistent, the pair of launches) do.
-``--study mix``: the SM-aware scheduling experiment (``run_packed_cascade(mix=True)``: prefix and
-suffix units taken from ticket counters so that both kinds share each multiprocessor, at most
-``pps`` prefix units per multiprocessor at once) against the default order, flat and persistent. ``--study
+``bench_kernel.py`` (flat) and the persistent pair of launches (SGLang's decode graphs until session 10) do.
+(The ``mix`` study and prefix variant 15, ``prefix_overlap``, went with those experiments after
+session 10; their results stay in ``benchmarks/results/ab_mix_h200.json`` and
+``ab_prefix_gp_h200.json``.) ``--study
 grid``: the flat launch with 0, 1, 3 or 7 times the plan's units of extra programs that exit at once
 (a static plan's ``grid_items``: what a flat grid fixed at a CUDA graph's capacity costs) against the
 persistent pair, on sharing and no-sharing cases. Every variant is checked against the fp32
@@ -75,10 +75,8 @@ PREFIX_VARIANTS = [
     # 14: 32-token blocks capped at 168 registers: 48 KB and no spill on sm_90, 3 programs per SM
     # instead of 2 (kernel_resources.py), for short-suffix plans whose programs run 2-4 blocks each
     {"pbm": 64, "w": 4, "st": 3, "n": 32, "maxnreg": 168},
-    # 15: prefix scores issued a block ahead of the softmax (prefix_overlap). On sm_90 Triton 3.6
-    # still waits for that wgmma at once, but the K/V copies then wait with one group in flight
-    # instead of none (TTGIR; 215 registers, 96.5 KB, 2 programs per SM)
-    {"pbm": 64, "w": 4, "st": 3, "n": 64, "overlap": True},
+    # 15: removed (prefix_overlap: 0-23% slower flat on the H200, session 9); None keeps the indices
+    None,
     # 16: slot ids of index-list chunks loaded a block ahead in registers (gather_prefetch): K/V
     # copies pipelined 3 deep on sm_90 instead of awaited at every block (TTGIR; 196 registers,
     # 112 KB, 2 programs per SM), prefix and suffix tiles alike
@@ -93,12 +91,6 @@ MERGE_CASES = ("B64_P4096_S256,B16_P2048_S512,B128_P1024_S128,B32_P8192_S1024,B8
                "B64_P16384_S256,B64_P4096_S32,B64_P4096_S256_llama3-70b-tp8,B64_P4096_S256_qwen2.5-7b,"
                "B256_P0_S1024,B128_P0_S2048_het,B64_P4096_S256_het")
 MERGE_VARIANTS = [{"bp": 1}, {"bp": 4}, {"bp": 8}, {"bp": 16}]
-
-MIX_CASES = ("B64_P4096_S256,B128_P4096_S256,B256_P2048_S256,B256_P4096_S256,B64_P4096_S1024,B32_P8192_S1024,"
-             "B64_P16384_S256,B64_P4096_S32,B64_P4096_S256_qwen2.5-7b,B64_P4096_S256_llama3-70b-tp8,B64_P256_S256,"
-             "B16_P2048_S512,B256_P2048_S256_zipf16_het,B64_P4096_S256_mha-32")
-MIX_VARIANTS = [{"mix": False}, {"mix": True, "pps": 1}, {"mix": True, "pps": 2}, {"mix": True, "pps": 0},
-                {"mix": False, "gp": True}, {"mix": True, "pps": 1, "gp": True}, {"mix": True, "pps": 2, "gp": True}]
 
 PLANNER_CASES = ("B64_P256_S256,B64_P1024_S256,B128_P1024_S128,B512_P1024_S128,B8_P512_S64,B16_P2048_S512,"
                  "B64_P4096_S256,B64_P4096_S32,B256_P2048_S256,B32_P8192_S1024,B64_P4096_S256_llama3-70b-tp8,"
@@ -122,16 +114,16 @@ def run_checked(kern, inp, plan, ref, tol, **launch) -> tuple[torch.Tensor, dict
 
 
 def time_variant(kern, inp, ref, tol, *, pbm=64, w=4, st=3, n=64, nosplit=False, pmult=1, persistent=False,
-                 merge=False, bp=1, maxnreg=None, overlap=False, gp=False) -> dict:
+                 merge=False, bp=1, maxnreg=None, gp=False) -> dict:
     """Plans and runs ours with the given launch (``pbm``: the kernel's ``PREFIX_BLOCK_M``; ``bp``:
     partials a merge program loads at once, 1 as before the blocked merge)."""
     from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of, persistent_programs
     dev, num_kv_heads = inp.q.device, inp.k_buffer.shape[1]
     launch = {"block_n": n, "num_warps": w, "num_stages": st, "merge_block_p": bp, "maxnreg": maxnreg,
-              "prefix_overlap": overlap, "gather_prefetch": gp}
+              "gather_prefetch": gp}
     occ = kernel_occupancy(dev, inp.k_buffer.dtype, inp.q.shape[2], inp.q.shape[1] // num_kv_heads,
                            prefix_block_m=pbm, persistent=persistent, block_n=n, num_warps=w, num_stages=st,
-                           maxnreg=maxnreg, prefix_overlap=overlap, gather_prefetch=gp)
+                           maxnreg=maxnreg, gather_prefetch=gp)
     plan = kern.plan_packed_cascade(*inp[3:8], inp.q.shape[1], num_kv_heads, waves=occ, prefix_block_m=pbm,
                                     kv_align=n, **({"suffix_chunk": 1 << 20} if nosplit else {}))
     if pmult != 1 and plan.has_prefix:  # the same plan with prefix chunks pmult times longer
@@ -194,20 +186,6 @@ def time_planner(kern, inp, ref, tol, *, ovh=32, prow=2, persistent=False) -> di
             "suffix_chunk": work.suffix_chunk, **run_checked(kern, inp, plan, ref, tol)[1]}
 
 
-def time_mix(kern, inp, ref, tol, *, mix=False, pps=1, gp=False, persistent=False) -> dict:
-    """Ours with the default plan and launch, or with the MIX scheduler (``pps``: prefix units per
-    multiprocessor at once); persistent launches get the graphs' program count."""
-    from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of, persistent_programs
-    dev, dtype = inp.q.device, inp.k_buffer.dtype
-    num_qo_heads, num_kv_heads, head_dim = inp.q.shape[1], inp.k_buffer.shape[1], inp.q.shape[2]
-    plan = kern.plan_packed_cascade(*inp[3:8], num_qo_heads, num_kv_heads, head_dim=head_dim, dtype=dtype)
-    if persistent:
-        occ = kernel_occupancy(dev, dtype, head_dim, num_qo_heads // num_kv_heads, persistent=True)
-        plan = plan._replace(num_programs=persistent_programs(num_sms_of(dev), occ, num_kv_heads))
-    return {"items": plan.num_items,
-            **run_checked(kern, inp, plan, ref, tol, mix=mix, mix_prefix_per_sm=pps, gather_prefetch=gp)[1]}
-
-
 GRID_CASES = ("B64_P4096_S256,B256_P2048_S256,B64_P256_S256,B8_P512_S64,B16_P2048_S512,B64_P4096_S256_qwen2.5-7b,"
               "B64_P4096_S256_llama3-70b-tp8,B256_P2048_S256_G8_qwen2.5-7b,B256_P0_S1024,B128_P0_S2048_het,B16_P0_S8192")
 # extra: flat programs past the plan's units, in multiples of them (a static plan's grid_items);
@@ -242,8 +220,6 @@ def run_one(study, kern, inp, ref, tol, var, persistent, orders, planner, case) 
         return time_variant(kern, inp, ref, tol, persistent=persistent)
     if study == "planner":
         return time_planner(kern, inp, ref, tol, persistent=persistent, **var)
-    if study == "mix":
-        return time_mix(kern, inp, ref, tol, persistent=persistent, **var)
     if study == "grid":
         return time_grid(kern, inp, ref, tol, **var)
     plain = {"pbm": 16} if study == "merge" and case.prefix_len == 0 else {}  # serving's tiles
@@ -252,7 +228,7 @@ def run_one(study, kern, inp, ref, tol, var, persistent, orders, planner, case) 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--study", choices=("order", "tiles", "prefix", "merge", "planner", "mix", "grid"), required=True)
+    p.add_argument("--study", choices=("order", "tiles", "prefix", "merge", "planner", "grid"), required=True)
     p.add_argument("--cases", help="comma-separated exact case names of the full grid")
     p.add_argument("--variants", help="comma-separated indices into the study's variant list (default: all)")
     p.add_argument("--out-dir", type=Path, default=Path("out/ab"))
@@ -269,16 +245,19 @@ def main(argv=None) -> int:
     path = args.out_dir / f"ab_{args.study}.json"
     default_cases = {"order": ORDER_CASES, "tiles": TILE_CASES, "prefix": PREFIX_CASES,
                      "merge": MERGE_CASES, "planner": PLANNER_CASES,
-                     "mix": MIX_CASES, "grid": GRID_CASES}[args.study]
+                     "grid": GRID_CASES}[args.study]
     for name in (args.cases or default_cases).split(","):
         inp = kc.make_inputs(by_name[name], dev)
         ref = kern.reference.packed_cascade_attention_ref(*inp.cascade_args())[0]
         tol = bk.TOLERANCE[by_name[name].dtype]
         variants = {"order": [{"order": o} for o in orders], "tiles": TILE_VARIANTS,
                     "prefix": PREFIX_VARIANTS, "merge": MERGE_VARIANTS,
-                    "planner": PLANNER_VARIANTS, "mix": MIX_VARIANTS, "grid": GRID_VARIANTS}[args.study]
+                    "planner": PLANNER_VARIANTS, "grid": GRID_VARIANTS}[args.study]
         if args.variants:
             variants = [variants[int(i)] for i in args.variants.split(",")]
+            if None in variants:
+                raise SystemExit(f"--variants {args.variants}: a removed variant (None in the study's list)")
+        variants = [v for v in variants if v is not None]
         for var in variants:
             for persistent in ((False,) if args.study == "grid" else (False, True)):  # grid: set by the variant
                 try:
@@ -289,7 +268,7 @@ def main(argv=None) -> int:
                 rows.append({"case": name, **var, "persistent": persistent, **r})
         planner._chunk_major, planner._longest_first = orders["both"]
         mine = [r for r in rows if r["case"] == name]
-        print(name, " ".join(f"{'/'.join(str(v) for k, v in r.items() if k in ('order', 'pbm', 'w', 'st', 'n', 'bp', 'ovh', 'prow', 'mix', 'pps', 'maxnreg', 'overlap', 'gp', 'extra'))}"
+        print(name, " ".join(f"{'/'.join(str(v) for k, v in r.items() if k in ('order', 'pbm', 'w', 'st', 'n', 'bp', 'ovh', 'prow', 'maxnreg', 'gp', 'extra'))}"
                              f"{'/ns' if r.get('nosplit') else ''}{'/x2' if r.get('pmult', 1) != 1 else ''}{'P' if r['persistent'] else 'F'}:"
                              f"{r['us'] or float('nan'):.1f}" for r in mine), flush=True)
         # rewritten after every case, so a run cut short keeps what it measured

@@ -8,7 +8,7 @@ from the registers and shared memory (Hopper: 64K registers, 227 KB shared memor
 multiprocessor), which is what ``kernel_occupancy`` measures on a GPU.
 
     python scripts/kernel_resources.py --arch 90
-    python scripts/kernel_resources.py --arch 90 --variants "mix=1,persistent=1" "block_n=128,stages=2"
+    python scripts/kernel_resources.py --arch 90 --variants "guard=1,role=1" "block_n=128,stages=2"
 """
 
 from __future__ import annotations
@@ -27,20 +27,20 @@ from triton.backends.compiler import GPUTarget
 
 POINTERS = {"Q": "*bf16", "K_Buffer": "*bf16", "V_Buffer": "*bf16", "Out": "*bf16", "O_Partial": "*fp32",
             "LSE_Partial": "*fp32", "LSE_Out": "*fp32", "KV_Indices": "*i32", "KV_Base": "*i32", "Items": "*i32",
-            "Counts": "*i32", "Merge_Indptr": "*i32", "Sched": "*i32"}
+            "Counts": "*i32", "Merge_Indptr": "*i32"}
 # the default launch (slot ids prefetched, 64-row prefix tiles), the H200's plain-decode launch, the
 # CUDA graphs' flat launches (guard: programs past the plan's units exit), the eager plain tiles
 # elsewhere, then the launches without the prefetch and the experiments
 DEFAULT_VARIANTS = ("", "persistent=1", "block_n=128,stages=2,pbm=16", "block_n=128,stages=2,pbm=16,persistent=1",
                     "guard=1", "guard=1,block_n=128,stages=2,pbm=16",
                     "pbm=16", "prefetch=0", "prefetch=0,persistent=1", "prefetch=0,block_n=128,stages=2,pbm=16",
-                    "prefetch=0,pbm=16", "mix=1", "mix=1,persistent=1", "overlap=1", "overlap=1,persistent=1",
+                    "prefetch=0,pbm=16",
                     "stages=2", "block_n=32,maxnreg=168", "pbm=128,warps=8", "kv_base=1")
 REGS_PER_SM, SMEM_PER_SM, SMEM_RESERVED = 65536, 227 * 1024, 1024
 
 
 def compile_variant(arch: int, *, gqa=4, kv_heads=8, head_dim=128, pbm=64, block_n=64, stages=3, warps=4,
-                    persistent=0, mix=0, kv_base=0, maxnreg=0, overlap=0, prefetch=None, guard=0) -> dict:
+                    persistent=0, kv_base=0, maxnreg=0, prefetch=None, guard=0, role=0) -> dict:
     """Compiles one variant; returns its resources and the programs per multiprocessor they allow.
     ``prefetch`` None: ``run_packed_cascade``'s default ``gather_prefetch``."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -52,9 +52,8 @@ def compile_variant(arch: int, *, gqa=4, kv_heads=8, head_dim=128, pbm=64, block
     names = list(inspect.signature(fn.fn).parameters)
     const = {"GQA": gqa, "NUM_KV_HEADS": kv_heads, "HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim),
              "PREFIX_BLOCK_M": pbm, "SUFFIX_BLOCK_M": pc.suffix_block_m_for(gqa), "BLOCK_N": block_n,
-             "DOT_FP32": False, "PERSISTENT": bool(persistent), "STORE_LSE": False, "ROLE": 0,
-             "HAS_KV_BASE": bool(kv_base), "MIX": bool(mix), "HW_SMID": True, "PREFIX_OVERLAP": bool(overlap),
-             "GATHER_PREFETCH": bool(prefetch), "GUARD_UNITS": bool(guard)}
+             "DOT_FP32": False, "PERSISTENT": bool(persistent), "STORE_LSE": False, "ROLE": role,
+             "HAS_KV_BASE": bool(kv_base), "GATHER_PREFETCH": bool(prefetch), "GUARD_UNITS": bool(guard)}
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "sm_scale_log2" else "i32")
            for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in POINTERS or n.startswith("stride")}
@@ -92,8 +91,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: Hopper)")
     p.add_argument("--variants", nargs="*", default=list(DEFAULT_VARIANTS),
-                   help="key=value lists (gqa, kv_heads, head_dim, pbm, block_n, stages, warps, persistent, mix, "
-                        "kv_base, maxnreg: a register cap, 0 none; overlap: prefix scores issued a block ahead; prefetch: slot ids a block ahead, on by default; guard: flat programs past the plan's units exit); empty: the "
+                   help="key=value lists (gqa, kv_heads, head_dim, pbm, block_n, stages, warps, persistent, "
+                        "kv_base, maxnreg: a register cap, 0 none; prefetch: slot ids a block ahead, on by default; "
+                        "guard: flat programs past the plan's units exit; role: the kernel's ROLE); empty: the "
                         "default launch")
     p.add_argument("--out", type=Path, help="also write this JSON (and its .md): the rows, Triton's version")
     args = p.parse_args(argv)

@@ -169,36 +169,6 @@ def check_launch(args, dtype, launch, repeats=1, after_each=lambda: None, chunks
         after_each()
 
 
-@pytest.mark.parametrize("launch", ["flat", "persistent", "graph_pair"])
-@pytest.mark.parametrize("prefix_per_sm", [0, 1])  # 0: suffix units first (prefix when they run out)
-@pytest.mark.parametrize("structure", ["mixed", "one_group"])
-def test_mix_scheduling_equals_flat(launch, prefix_per_sm, structure):
-    """The SM-aware scheduling experiment (``mix``): programs take units from ticket counters, each
-    unit exactly once, for every launch kind; the counters are left zeroed for the next launch
-    (checked by running twice)."""
-    from packinfer_sglang.kernels.packed_cascade import _sched_buffer
-
-    def counters_zeroed():
-        assert not _sched_buffer(torch.device(DEVICE)).any()
-    args = make_batch(*STRUCTURES[structure], 8, 2, 64, torch.float16)
-    if launch != "flat" and DEVICE.type == "cuda":  # wrong on the H200 at serving sizes (session 9): refused
-        with pytest.raises(NotImplementedError, match="persistent plan"):
-            check_launch(args, torch.float16, launch, mix=True, mix_prefix_per_sm=prefix_per_sm)
-        return
-    check_launch(args, torch.float16, launch, repeats=2, after_each=counters_zeroed, mix=True,
-                 mix_prefix_per_sm=prefix_per_sm)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("launch", ["flat", "persistent"])
-@pytest.mark.parametrize("prefix_chunk", [64, 192, 1024])  # 1, 3 and up to 10 whole blocks per prefix item
-def test_prefix_overlap_equals_flat(launch, prefix_chunk, dtype):
-    """The prefix-overlap experiment (scores of the next block issued before this block's softmax)
-    on prefixes of 1 to 10 whole blocks plus partial tails, with and without a tail."""
-    args = make_batch([3, 1, 2], [640, 0, 701], [5, 1, 17, 9, 0, 3], 8, 2, 64, dtype)
-    check_launch(args, dtype, launch, chunks=(prefix_chunk, 64), prefix_overlap=True)
-
-
 @pytest.mark.parametrize("launch", ["flat", "persistent"])
 @pytest.mark.parametrize("structure", list(STRUCTURES))
 def test_gather_prefetch_equals_flat(launch, structure):
