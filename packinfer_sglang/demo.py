@@ -123,7 +123,7 @@ def format_demo(r: DemoResult) -> str:
         f"requests            {r.num_requests}",
         f"groups              {r.num_groups}  sizes {r.group_sizes}",
         f"shared prefix       {r.prefix_lens} tokens per group; {shared} token reads shared",
-        f"KV bytes read       flat {r.kv_bytes_flat / 1e6:.3f} MB, packed {r.kv_bytes_packed / 1e6:.3f} MB "
-        f"({r.kv_bytes_flat / max(r.kv_bytes_packed, 1):.2f}x less)",
+        (f"KV bytes read       flat {r.kv_bytes_flat / 1e6:.3f} MB, packed {r.kv_bytes_packed / 1e6:.3f} MB "
+         f"({r.kv_bytes_flat / max(r.kv_bytes_packed, 1):.2f}x less)"),
         f"packed vs flat      max abs error {r.max_abs_err:.2e}, relative L2 error {r.rel_err:.2e}",
     ])

@@ -33,7 +33,7 @@ def _packing_cost(model_runner):
     if cost is False:
         try:
             cost = PackingCost.of_model_runner(model_runner)
-        except Exception as e:  # an unusual model config: fall back to the plain saving
+        except Exception as e:  # noqa: BLE001 -- an unusual model config: fall back to the plain saving
             logger.warning("packinfer: cost model unavailable (%s); grouping by shared tokens alone", e)
             cost = None
         model_runner._packinfer_cost = cost

@@ -104,7 +104,7 @@ def measure_rates(device: torch.device, nbytes: int = 2 << 30, n: int = 8192) ->
     copy = 2 * nbytes / (time_us(lambda: dst.copy_(src)) * 1e-6)
     flat = src.view(torch.bfloat16)
     read = nbytes / (time_us(lambda: torch.amax(flat)) * 1e-6)
-    del src, dst, flat
+    src = dst = flat = None  # frees the 2 x nbytes before the matmul inputs
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
     return max(read, copy), 2 * n**3 / (time_us(lambda: torch.matmul(a, b)) * 1e-6), copy
 
@@ -128,7 +128,7 @@ def evaluate(name: str, inp: kc.CaseInputs, ref: torch.Tensor, kern, tol: float,
         return res
     except kb.Skipped as e:
         return {"status": "skipped", "note": str(e)}
-    except Exception as e:  # a missing library or a failing baseline is recorded, not fatal
+    except Exception as e:  # noqa: BLE001 -- a missing library or a failing baseline is recorded, not fatal
         traceback.print_exc(file=sys.stderr)
         return {"status": "error", "note": f"{type(e).__name__}: {e}"[:400],
                 "setup_s": round(time.perf_counter() - start, 3)}

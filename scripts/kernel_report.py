@@ -240,7 +240,7 @@ def write_outputs(out_dir: Path, stem: str, meta: dict, rows: list[dict], plot: 
         return path
     try:
         write_plot(path.with_suffix(".png"), meta, rows)
-    except Exception as e:  # no matplotlib is not worth a failed run
+    except Exception as e:  # noqa: BLE001 -- no matplotlib is not worth a failed run
         print(f"plot skipped: {type(e).__name__}: {e}", file=sys.stderr)
     print(f"wrote {path} and its .md/.png", file=sys.stderr)
     return path

@@ -810,10 +810,10 @@ def test_steady_decode_script_reads_committed_excerpts(tmp_path):
 
 
 def test_packinfer_counters_from_its_log_lines():
-    text = "\n".join([
+    text = "\n".join([  # noqa: FLY002 -- one log line per element
         "[t] packinfer: compaction moved 560 tokens of 2 groups (0 skipped); 560 tokens so far",
-        "[t] packinfer: decode step 16, batch 8, 2 groups (largest 4), prefix tokens saved 24576, host plan 5350 us/step, "
-        "verified 480 layer-steps, max rel err 1.56e-04",
+        ("[t] packinfer: decode step 16, batch 8, 2 groups (largest 4), prefix tokens saved 24576, host plan 5350 us/step, "
+         "verified 480 layer-steps, max rel err 1.56e-04"),
         "[t] packinfer: compaction moved 17665 tokens of 8 groups (0 skipped); 18225 tokens so far",
         "[t] packinfer: decode step 32, batch 256, 8 groups (largest 32), prefix tokens saved 1015808, host plan 1414 us/step",
     ])

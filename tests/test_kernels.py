@@ -33,7 +33,7 @@ def make_batch(group_sizes, prefix_lens, suffix_lens, num_qo_heads, num_kv_heads
 
 
 def check(args, dtype, **plan_kwargs):
-    q, k, v, gi, pi, pidx, si, sidx = args
+    q, k, _, gi, pi, pidx, si, sidx = args
     sm_scale = q.shape[-1] ** -0.5
     plan = plan_packed_cascade(gi, pi, pidx, si, sidx, q.shape[1], k.shape[1], **plan_kwargs)
     out = torch.full_like(q, float("nan"))
