@@ -63,6 +63,19 @@ def _indptr(lens: np.ndarray) -> np.ndarray:
     return out
 
 
+FLAT_ITEMS_PER_REQUEST, FLAT_ITEMS_PER_SLOT = 2, 4
+
+
+def flat_grid_items(padded_bs: int, num_sms: int, waves: int, num_kv_heads: int) -> int:
+    """Items per KV head of a CUDA graph's flat grid for ``padded_bs`` requests:
+    ``FLAT_ITEMS_PER_REQUEST`` per request plus ``FLAT_ITEMS_PER_SLOT`` per program slot of a head
+    (:func:`~.kernels.packed_cascade.persistent_programs`). Every plan of the kernel grid on an
+    H200-sized GPU needs at most about half of that (one item per request for its suffix, the
+    prefix row blocks, and the splits that fill the slots; ``tests/test_scripts.py``)."""
+    return (FLAT_ITEMS_PER_REQUEST * padded_bs
+            + FLAT_ITEMS_PER_SLOT * persistent_programs(num_sms, waves, num_kv_heads))
+
+
 class GraphBuffers:
     """Fixed-address metadata for packed decode inside SGLang's decode CUDA graphs.
 
@@ -80,10 +93,6 @@ class GraphBuffers:
     """
 
     PARTIALS_PER_REQUEST = 16
-    # flat grids: items per padded request, and per program slot of one KV head (num_sms * waves /
-    # num_kv_heads). Every plan of the H200 kernel grid needs at most half of that (1 item per
-    # request for its suffix, prefix row blocks, and the splits that fill the slots).
-    FLAT_ITEMS_PER_REQUEST, FLAT_ITEMS_PER_SLOT = 2, 4
 
     def __init__(self, max_bs: int, max_context_len: int, num_kv_heads: int, num_sms: int,
                  device: torch.device, waves: int = 2, plain_waves: int | None = None, launch: str = "flat"):
@@ -103,9 +112,8 @@ class GraphBuffers:
 
     def grid_items(self, padded_bs: int) -> int:
         """Items (per KV head) of the flat grid captured for ``padded_bs``: the cap of its plans."""
-        slots = persistent_programs(self.num_sms, max(self.waves, self.plain_waves or 0), self.num_kv_heads)
-        return min(self.plan.max_items,
-                   self.FLAT_ITEMS_PER_REQUEST * padded_bs + self.FLAT_ITEMS_PER_SLOT * slots)
+        return min(self.plan.max_items, flat_grid_items(padded_bs, self.num_sms, max(self.waves, self.plain_waves or 0),
+                                                        self.num_kv_heads))
 
     def max_items(self, padded_bs: int) -> int:
         """Most items a plan for ``padded_bs`` may have."""

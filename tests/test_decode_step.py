@@ -130,7 +130,7 @@ def test_flat_graph_plan_is_capped_at_its_grid(monkeypatch):
     monkeypatch.setattr(decode_step, "launch_config", lambda device, plain: (32, 3))
     _, reqs, req_to_token, pool_rows, seq_lens, num_slots = running_batch(6)
     graph = GraphBuffers(max_bs=len(reqs), max_context_len=128, num_kv_heads=2, num_sms=64, device=DEVICE)
-    monkeypatch.setattr(GraphBuffers, "FLAT_ITEMS_PER_SLOT", 0)  # the grid: 2 items per request
+    monkeypatch.setattr(decode_step, "FLAT_ITEMS_PER_SLOT", 0)  # the grid: 2 items per request
     natural = build_decode_step(ungrouped(len(reqs)), seq_lens, pool_rows.to(DEVICE), req_to_token.to(DEVICE),
                                 8, 2, num_sms=64)
     assert natural.plan.num_items > graph.grid_items(len(reqs)) == 2 * len(reqs)

@@ -183,3 +183,24 @@ def test_profile_ncu_reads_the_raw_page(tmp_path):
     assert row["L2 to SM GB"] == pytest.approx(0.064) and row["tensor pipe %"] is None
     assert list(row["stalls"]) == ["long_scoreboard", "wait"]
     assert row["top stalls"] == "long_scoreboard 12.2, wait 3.5"
+
+
+def test_flat_graph_grid_holds_every_grid_case_unsplit_by_the_cap():
+    """The flat CUDA-graph grid (``flat_grid_items``) holds the natural plan of every case of the
+    kernel grid on an H200-sized GPU (132 SMs, 2 programs each), so graphs never coarsen those
+    plans; the docstring's "about half" is checked too."""
+    import numpy as np
+    from packinfer_sglang.kernels.plan import plan_work
+
+    from packinfer_sglang.decode_step import flat_grid_items
+    kc = _load_script("kernel_cases")
+    indptr = lambda lens: np.concatenate([[0], np.cumsum(lens)])
+    worst = 0.0
+    for case in kc.full_grid():
+        plain = sum(case.prefix_lens) == 0
+        work = plan_work(indptr(case.group_sizes), indptr(case.prefix_lens), indptr(case.suffix_lens),
+                         gqa_group_size=case.num_qo_heads // case.num_kv_heads, num_kv_heads=case.num_kv_heads,
+                         prefix_block_m=64, num_sms=132, waves=2, kv_align=128 if plain else 64)
+        items = len(work.prefix_items) + len(work.suffix_items)
+        worst = max(worst, items / flat_grid_items(case.batch_size, 132, 2, case.num_kv_heads))
+    assert worst <= 0.55, worst
