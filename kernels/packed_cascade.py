@@ -247,6 +247,18 @@ def _attend_item(
 
 
 @triton.jit
+def _role_items(Counts, num_prefix_items, ROLE: tl.constexpr):
+    """Items the launch of ``ROLE`` runs (kernel docstring): all of ``Counts[0]`` for 0; for 1 only
+    a plan with prefix items, for 2 only one without, else none."""
+    num_items = tl.load(Counts)
+    if ROLE == 1:
+        num_items = tl.where(num_prefix_items > 0, num_items, 0)
+    elif ROLE == 2:
+        num_items = tl.where(num_prefix_items == 0, num_items, 0)
+    return num_items
+
+
+@triton.jit
 def _packed_attn_partial_kernel(
     Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Counts, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
     sm_scale_log2,
@@ -273,11 +285,7 @@ def _packed_attn_partial_kernel(
     pair finding nothing to do."""
     num_prefix_items = tl.load(Counts + 1)
     if PERSISTENT:
-        num_items = tl.load(Counts)
-        if ROLE == 1:
-            num_items = tl.where(num_prefix_items > 0, num_items, 0)
-        elif ROLE == 2:
-            num_items = tl.where(num_prefix_items == 0, num_items, 0)
+        num_items = _role_items(Counts, num_prefix_items, ROLE)
         for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
             _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, O_Partial, LSE_Partial, Out,
                         LSE_Out, item, num_prefix_items, tl.program_id(1), sm_scale_log2, stride_qt, stride_qh,
@@ -288,12 +296,7 @@ def _packed_attn_partial_kernel(
         unit = tl.program_id(0)
         live = True
         if GUARD_UNITS:  # a flat grid fixed at a CUDA graph's capacity: programs past the plan's units exit
-            num_items = tl.load(Counts)
-            if ROLE == 1:
-                num_items = tl.where(num_prefix_items > 0, num_items, 0)
-            elif ROLE == 2:
-                num_items = tl.where(num_prefix_items == 0, num_items, 0)
-            live = unit < num_items * NUM_KV_HEADS
+            live = unit < _role_items(Counts, num_prefix_items, ROLE) * NUM_KV_HEADS
         if live:
             _attend_any(Q, K_Buffer, V_Buffer, KV_Indices, KV_Base, Items, Merge_Indptr, O_Partial, LSE_Partial, Out, LSE_Out,
                         unit // NUM_KV_HEADS, num_prefix_items, unit % NUM_KV_HEADS, sm_scale_log2, stride_qt, stride_qh,
@@ -449,9 +452,9 @@ def run_packed_cascade(
     ``gather_prefetch`` (on): index-list chunks load the next block's slot ids into registers a
     block ahead, so the K/V copies pipeline ``num_stages`` deep (H200, ``ab_prefix_gp_h200.json``:
     flat 6-17% faster on 13 of 14 prefix cases; persistent 7-13% faster on the large ones, 7-12%
-    slower on the smallest). Plans launch per
-    their fields: eager (one program per item and head), a static plan's fixed flat grid
-    (``grid_items``, the CUDA graphs' default) or its persistent grid (``num_programs``)."""
+    slower on the smallest). Plans launch per their fields: eager (one program per item and head),
+    a static plan's fixed flat grid (``grid_items``, the CUDA graphs' default) or its persistent
+    grid (``num_programs``)."""
     _, num_qo_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
     gqa = num_qo_heads // num_kv_heads
@@ -477,24 +480,21 @@ def run_packed_cascade(
             num_stages=num_stages or default_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         )
 
-    static = plan.num_programs is not None or plan.grid_items is not None
-    if plan.grid_items is not None:  # graphs, flat: fixed grids whose programs past the plan's units exit
-        if plan.plain_grid_items is None:
-            launch(plan.grid_items, plan.prefix_block_m, False, 0, False, guard=True)
-        else:  # the pair, as below
-            launch(plan.grid_items, plan.prefix_block_m, False, 1, False, guard=True)
-            launch(plan.plain_grid_items, plan.suffix_block_m, False, 2, True, guard=True)
-    elif plan.num_programs is None:  # eager: one program per item; plain decode gets the lighter tiles
-        if plan.num_items:
-            if plan.has_prefix:
-                launch(plan.num_items, plan.prefix_block_m, False, 0, False)
-            else:
-                launch(plan.num_items, plan.suffix_block_m, False, 0, True)
-    elif plan.plain_num_programs is None:
-        launch(plan.num_programs, plan.prefix_block_m, True, 0, False)
-    else:  # graphs: the pair, one of which finds the plan's items (ROLE in the kernel's docstring)
-        launch(plan.num_programs, plan.prefix_block_m, True, 1, False)
-        launch(plan.plain_num_programs, plan.suffix_block_m, True, 2, True)
+    persistent = plan.num_programs is not None
+    static = persistent or plan.grid_items is not None  # a CUDA graph's plan: fixed grids
+    if static:  # flat grids whose programs past the plan's units exit, or persistent ones
+        grid, plain_grid = ((plan.num_programs, plan.plain_num_programs) if persistent
+                            else (plan.grid_items, plan.plain_grid_items))
+        if plain_grid is None:
+            launch(grid, plan.prefix_block_m, persistent, 0, False, guard=not persistent)
+        else:  # the pair, one of which finds the plan's items (ROLE in the kernel's docstring)
+            launch(grid, plan.prefix_block_m, persistent, 1, False, guard=not persistent)
+            launch(plain_grid, plan.suffix_block_m, persistent, 2, True, guard=not persistent)
+    elif plan.num_items:  # eager: one program per item; plain decode gets the lighter tiles
+        if plan.has_prefix:
+            launch(plan.num_items, plan.prefix_block_m, False, 0, False)
+        else:
+            launch(plan.num_items, plan.suffix_block_m, False, 0, True)
     if static or plan.num_partials > plan.merge_indptr.numel() - 1:
         # graphs: any plan may split, and padding rows are zeroed here; eager: only if a request split
         merge_partials(o_partial, lse_partial, plan.merge_indptr, out, lse, skip_single=True, block_p=merge_block_p)

@@ -133,7 +133,7 @@ class StaticPlanBuffers:
         n_items = len(work.prefix_items) + len(work.suffix_items)
         n_tokens = len(work.merge_indptr) - 1
         if (num_programs is None) == (grid_items is None):
-            raise ValueError("give num_programs (persistent launch) or grid_items (flat launch), not both")
+            raise ValueError("give exactly one of num_programs (persistent launch) and grid_items (flat launch)")
         cap = self.max_items if grid_items is None else min(self.max_items, grid_items, plain_grid_items or grid_items)
         if n_items > cap or n_tokens > self.max_tokens or work.num_partials > num_partials:
             raise ValueError(f"plan of {n_items} items, {n_tokens} tokens, {work.num_partials} partials "

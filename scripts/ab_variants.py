@@ -150,17 +150,28 @@ def time_variant(kern, inp, ref, tol, *, pbm=64, w=4, st=3, n=64, nosplit=False,
     return row
 
 
+def persistent_pair(kern, inp):
+    """Ours planned and launched as the persistent pair (``PACKINFER_GRAPH_LAUNCH=persistent``):
+    waves and programs from each launch's persistent occupancy; returns the plan and the waves it
+    was planned with."""
+    from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of, persistent_programs
+    dev, dtype = inp.q.device, inp.k_buffer.dtype
+    num_qo_heads, num_kv_heads, head_dim = inp.q.shape[1], inp.k_buffer.shape[1], inp.q.shape[2]
+    occ = {pl: kernel_occupancy(dev, dtype, head_dim, num_qo_heads // num_kv_heads, persistent=True, plain=pl)
+           for pl in (False, True)}
+    waves = occ[int(inp[4][-1]) == 0]
+    plan = kern.plan_packed_cascade(*inp[3:8], num_qo_heads, num_kv_heads, waves=waves)
+    sms = num_sms_of(dev)
+    return plan._replace(num_programs=persistent_programs(sms, occ[False], num_kv_heads),
+                         plain_num_programs=persistent_programs(sms, occ[True], num_kv_heads)), waves
+
+
 def time_planner(kern, inp, ref, tol, *, ovh=32, prow=2, persistent=False) -> dict:
     """Plans ours with the planner's per-item costs set to ``ovh`` and ``prow`` (KV tokens) and runs
     it with the default launch: flat as ``bench_kernel.py``, or persistent as the decode graphs (the
     pair of launches, programs from each one's persistent occupancy)."""
     from packinfer_sglang.kernels import plan as planner
-    from packinfer_sglang.kernels.packed_cascade import (
-        kernel_occupancy,
-        launch_config,
-        num_sms_of,
-        persistent_programs,
-    )
+    from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, launch_config, num_sms_of
     dev, dtype = inp.q.device, inp.k_buffer.dtype
     num_qo_heads, num_kv_heads, head_dim = inp.q.shape[1], inp.k_buffer.shape[1], inp.q.shape[2]
     gqa, sms = num_qo_heads // num_kv_heads, num_sms_of(dev)
@@ -169,17 +180,13 @@ def time_planner(kern, inp, ref, tol, *, ovh=32, prow=2, persistent=False) -> di
     planner.ITEM_OVERHEAD_TOKENS, planner.PARTIAL_ROW_TOKENS = ovh, prow
     try:
         if persistent:
-            occ = {pl: kernel_occupancy(dev, dtype, head_dim, gqa, persistent=True, plain=pl) for pl in (False, True)}
-            plan = kern.plan_packed_cascade(*inp[3:8], num_qo_heads, num_kv_heads, waves=occ[plain])
-            plan = plan._replace(num_programs=persistent_programs(sms, occ[False], num_kv_heads),
-                                 plain_num_programs=persistent_programs(sms, occ[True], num_kv_heads))
+            plan, waves = persistent_pair(kern, inp)
         else:
             plan = kern.plan_packed_cascade(*inp[3:8], num_qo_heads, num_kv_heads, head_dim=head_dim, dtype=dtype)
+            waves = kernel_occupancy(dev, dtype, head_dim, gqa, plain=plain)
         work = planner.plan_work(*[a.cpu().numpy() for a in (inp[3], inp[4], inp[6])], gqa_group_size=gqa,
                                  num_kv_heads=num_kv_heads, prefix_block_m=plan.prefix_block_m, num_sms=sms,
-                                 waves=occ[plain] if persistent else kernel_occupancy(
-                                     dev, dtype, head_dim, gqa, plain=plain),
-                                 kv_align=launch_config(dev, plain)[0])
+                                 waves=waves, kv_align=launch_config(dev, plain)[0])
     finally:
         planner.ITEM_OVERHEAD_TOKENS, planner.PARTIAL_ROW_TOKENS = saved
     return {"items": plan.num_items, "partials": plan.num_partials, "prefix_chunk": work.prefix_chunk,
@@ -197,17 +204,12 @@ def time_grid(kern, inp, ref, tol, *, extra=0) -> dict:
     """Ours planned as in serving (default launch); flat with ``extra`` times the plan's units of
     programs that exit at once (what a flat grid fixed at a CUDA graph's capacity costs), or, with
     ``extra`` None, the persistent pair (``PACKINFER_GRAPH_LAUNCH=persistent``)."""
-    from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of, persistent_programs
-    dev, dtype = inp.q.device, inp.k_buffer.dtype
     num_qo_heads, num_kv_heads, head_dim = inp.q.shape[1], inp.k_buffer.shape[1], inp.q.shape[2]
-    gqa, sms = num_qo_heads // num_kv_heads, num_sms_of(dev)
     if extra is None:
-        occ = {pl: kernel_occupancy(dev, dtype, head_dim, gqa, persistent=True, plain=pl) for pl in (False, True)}
-        plan = kern.plan_packed_cascade(*inp[3:8], num_qo_heads, num_kv_heads, waves=occ[int(inp[4][-1]) == 0])
-        plan = plan._replace(num_programs=persistent_programs(sms, occ[False], num_kv_heads),
-                             plain_num_programs=persistent_programs(sms, occ[True], num_kv_heads))
+        plan = persistent_pair(kern, inp)[0]
         return {"items": plan.num_items, "persistent": True, **run_checked(kern, inp, plan, ref, tol)[1]}
-    plan = kern.plan_packed_cascade(*inp[3:8], num_qo_heads, num_kv_heads, head_dim=head_dim, dtype=dtype)
+    plan = kern.plan_packed_cascade(*inp[3:8], num_qo_heads, num_kv_heads, head_dim=head_dim,
+                                    dtype=inp.k_buffer.dtype)
     plan = plan._replace(grid_items=plan.num_items * (1 + extra))  # flat, as a static plan (merge always runs)
     return {"items": plan.num_items, "grid_units": plan.grid_items * num_kv_heads,
             **run_checked(kern, inp, plan, ref, tol)[1]}
