@@ -5,18 +5,20 @@ are grouped, group ``g`` owning rows ``group_indptr[g]:group_indptr[g+1]`` and a
 each request owning a suffix. The plan cuts that into *work items*, each one a tile of
 ``(query rows) x (KV chunk)``:
 
-- prefix items: up to ``tokens_per_block`` requests of one group (times the GQA ratio: the rows
+- prefix items: up to ``requests_per_tile`` requests of one group (times the GQA ratio: the rows
   of a tensor-core tile) against one chunk of the group's prefix, so the prefix is read once per
   row block instead of once per request;
 - suffix items: one request against one chunk of its suffix.
 
 Every item writes one partial attention state (``o``, ``lse``) per request row; request ``t``'s
 partials sit at rows ``merge_indptr[t]:merge_indptr[t+1]`` of the partial buffers and are merged
-by log-sum-exp. An item's partial for request ``t`` is row ``merge_indptr[t] + slot``.
+by log-sum-exp. An item's partial for request ``t`` is row ``merge_indptr[t] + partial_offset``.
 
 Items are stored as an int32 ``[num_items, ITEM_FIELDS]`` table (one host-to-device copy), with
-columns ``qo_start, qo_len, kv_start, kv_len, slot``; ``kv_start`` indexes the combined
-``kv_indices = cat(prefix_kv_indices, suffix_kv_indices)``.
+columns ``qo_start, qo_len, kv_start, kv_len, partial_offset``; ``kv_start`` indexes the combined
+``kv_indices = cat(prefix_kv_indices, suffix_kv_indices)`` (positions in that list, not pool slots).
+The host plan (:class:`WorkPlan`) becomes the device plan the kernel reads
+(:class:`~.plan_tensors.PackedCascadePlan`) in :mod:`.plan_tensors`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-ITEM_FIELDS = 5  # qo_start, qo_len, kv_start, kv_len, slot
+from .cost_model import item_cost_tokens
+from .launch import requests_per_tile
+
+ITEM_FIELDS = 5  # qo_start, qo_len, kv_start, kv_len, partial_offset
 
 
 class WorkPlan(NamedTuple):
@@ -46,14 +51,6 @@ def _ceil_div(a, b):
     return -(-a // b)
 
 
-# Per-item costs of the balanced planner, in KV tokens of one head (K + V: 4 * head_dim bytes):
-# a fixed cost (program start, query load, pipeline fill) and the float32 partial state of each
-# query row, written by the item and read back by the merge (8 * head_dim bytes = 2 tokens).
-# The fixed cost was 32 (not measured); on the H200, 16 to 256 changed the plan of 2 of 16 cases
-# and 256 was fastest on both (B16 P2048 S512 21.7 -> 20.5 us, B64 P256 S256 35.3 -> 34.3 us
-# flat), no case more than 1% slower (benchmarks/results/ab_planner_h200.json).
-ITEM_OVERHEAD_TOKENS = 256
-PARTIAL_ROW_TOKENS = 2
 _MAX_SPLITS = 16  # candidate chunk lengths per item kind: the longest span cut into 1..16 pieces
 
 
@@ -68,35 +65,36 @@ def _chunk_candidates(span_lens: np.ndarray, lo: int, align: int) -> np.ndarray:
 def _kind_costs(span_lens: np.ndarray, chunks: np.ndarray, rows: np.ndarray):
     """For each candidate chunk: number of items, their total cost and the largest item's cost."""
     n = _ceil_div(span_lens[:, None], chunks[None, :])  # [spans, candidates]
-    item_cost = ITEM_OVERHEAD_TOKENS + PARTIAL_ROW_TOKENS * rows[:, None]
-    total = (span_lens[:, None] + n * item_cost).sum(0)
-    largest = (np.minimum(chunks[None, :], span_lens[:, None]) + item_cost).max(0, initial=0)
+    fixed = item_cost_tokens(0, rows[:, None])  # per item, beside its KV (:mod:`.cost_model`)
+    total = (span_lens[:, None] + n * fixed).sum(0)
+    largest = (np.minimum(chunks[None, :], span_lens[:, None]) + fixed).max(0, initial=0)
     return n.sum(0), total, largest
 
 
-def _balanced_chunks(prefix_lens, prefix_rows, suffix_lens, suffix_rows, slots: int, align: int):
+def _balanced_chunks(prefix_lens, prefix_rows, suffix_lens, suffix_rows, programs: int, align: int):
     """Prefix and suffix chunk lengths minimizing the estimated time of one launch.
 
-    Every KV head runs the same items on ``slots`` program slots (``num_sms * waves /
-    num_kv_heads``). For a pair of chunk lengths the estimate is ``max(largest item, ceil(items /
-    slots) * mean item)``: whole rounds of items, so 64 equal items on 49 slots cost two rounds
+    Every KV head runs the same items on ``programs`` concurrent programs (``num_sms *
+    programs_per_sm / num_kv_heads``, :func:`~.launch.programs_per_head`). For a pair of chunk
+    lengths the estimate is ``max(largest item, ceil(items / programs) * mean item)``: whole rounds
+    of items, so 64 equal items on 49 programs cost two rounds
     where 192 thirds of them cost four rounds of a third (FlashInfer's split-KV scheduler makes the
     same trade with a binary search over chunk sizes)."""
     cs = _chunk_candidates(suffix_lens, align, align)
     if not len(prefix_lens):  # plain decode, every step of unshared batches: one kind, half the work
         n, total, largest = _kind_costs(suffix_lens, cs, suffix_rows)
-        return 2 * align, int(cs[np.argmin(np.maximum(largest, _ceil_div(n, slots) * total / np.maximum(n, 1)))])
+        return 2 * align, int(cs[np.argmin(np.maximum(largest, _ceil_div(n, programs) * total / np.maximum(n, 1)))])
     cp = _chunk_candidates(prefix_lens, 2 * align, align)
     np_, tp, mp = _kind_costs(prefix_lens, cp, prefix_rows)
     ns, ts, ms = _kind_costs(suffix_lens, cs, suffix_rows)
     n = np_[:, None] + ns[None, :]
     total = tp[:, None] + ts[None, :]
-    est = np.maximum(np.maximum(mp[:, None], ms[None, :]), _ceil_div(n, slots) * total / np.maximum(n, 1))
+    est = np.maximum(np.maximum(mp[:, None], ms[None, :]), _ceil_div(n, programs) * total / np.maximum(n, 1))
     i, j = np.unravel_index(np.argmin(est), est.shape)  # first minimum: the longest chunks among ties
     return int(cp[i]), int(cs[j])
 
 
-def _items(qo_start, qo_len, kv_start, kv_len, chunk, slot_base):
+def _items(qo_start, qo_len, kv_start, kv_len, chunk, partial_base):
     """Cuts each ``(qo, kv)`` span into KV chunks of ``chunk`` tokens; returns the item table."""
     n_chunks = _ceil_div(kv_len, chunk)
     rep = lambda a: np.repeat(a, n_chunks)
@@ -105,7 +103,7 @@ def _items(qo_start, qo_len, kv_start, kv_len, chunk, slot_base):
     kv_off = c * chunk
     table = np.stack(
         [rep(qo_start), rep(qo_len), rep(kv_start) + kv_off, np.minimum(chunk, rep(kv_len) - kv_off),
-         rep(slot_base) + c], axis=1,
+         rep(partial_base) + c], axis=1,
     )
     return table.astype(np.int32).reshape(-1, ITEM_FIELDS)
 
@@ -132,7 +130,7 @@ def plan_work(
     num_kv_heads: int,
     prefix_block_m: int,
     num_sms: int = 132,
-    waves: int = 2,
+    programs_per_sm: int = 2,
     prefix_chunk: int | None = None,
     suffix_chunk: int | None = None,
     kv_align: int = 64,
@@ -149,9 +147,10 @@ def plan_work(
         gqa_group_size: ``num_qo_heads // num_kv_heads``.
         num_kv_heads: KV heads; each item runs once per KV head (the grid's second axis).
         prefix_block_m: query rows of a prefix tile; a prefix item holds
-            ``max(1, prefix_block_m // gqa_group_size)`` requests.
-        num_sms, waves: ``num_sms * waves`` programs run at once (``waves``: resident programs per
-            multiprocessor, the kernel's occupancy); chunk lengths balance the items over them.
+            :func:`~.launch.requests_per_tile` requests.
+        num_sms, programs_per_sm: ``num_sms * programs_per_sm`` programs run at once
+            (``programs_per_sm``: the launch's :func:`~.launch.kernel_occupancy`); chunk lengths
+            balance the items over them.
         prefix_chunk, suffix_chunk: fixed KV chunk lengths in tokens (``None``: chosen as above).
         kv_align: chunk lengths are multiples of this (the kernel's ``BLOCK_N``).
         max_items, max_partials: capacities (CUDA-graph buffers); chunks are doubled until the
@@ -165,7 +164,7 @@ def plan_work(
             or capacities too small for one chunk per span.
     """
     args = (group_indptr, prefix_kv_indptr, suffix_kv_indptr, gqa_group_size, num_kv_heads, prefix_block_m,
-            num_sms * waves, kv_align)
+            num_sms * programs_per_sm, kv_align)
     work = _plan_once(*args, prefix_chunk, suffix_chunk)
     while (max_items is not None and len(work.prefix_items) + len(work.suffix_items) > max_items) or (
             max_partials is not None and work.num_partials > max_partials):
@@ -179,13 +178,13 @@ def plan_work(
 _MAX_CHUNK = 1 << 30
 
 
-def _plan_suffix_only(suffix_lens, si, gqa_group_size, slots, kv_align, suffix_chunk) -> WorkPlan:
+def _plan_suffix_only(suffix_lens, si, gqa_group_size, programs, kv_align, suffix_chunk) -> WorkPlan:
     """:func:`_plan_once` for a batch without prefixes (every request its own group): the same
     items, with a fraction of the host work (it runs every decode step of unshared batches)."""
     if suffix_chunk is None:
         none = np.zeros(0, np.int64)
         suffix_chunk = _balanced_chunks(none, none, suffix_lens, np.full(len(suffix_lens), gqa_group_size),
-                                        slots, kv_align)[1]
+                                        programs, kv_align)[1]
     n_chunks = _ceil_div(suffix_lens, suffix_chunk)
     tok = np.arange(len(suffix_lens))
     items = _longest_first(_items(tok, np.ones_like(tok), si[:-1], suffix_lens, suffix_chunk, np.zeros_like(tok)))
@@ -218,14 +217,14 @@ def _plan_once(group_indptr, prefix_kv_indptr, suffix_kv_indptr, gqa_group_size,
         bad = np.flatnonzero(prefix_lens[token_group] + suffix_lens == 0)[:8].tolist()
         raise ValueError(f"requests {bad} have no KV tokens (empty prefix and suffix)")
 
-    # Prefix spans: (group, row block) pairs; a row block holds tokens_per_block requests.
-    tokens_per_block = max(1, prefix_block_m // gqa_group_size)
+    # Prefix spans: (group, row block) pairs; a row block holds requests_per_tile requests.
+    per_tile = requests_per_tile(gqa_group_size, prefix_block_m)
     has_prefix = (prefix_lens > 0) & (group_sizes > 0)
-    blocks = np.where(has_prefix, _ceil_div(group_sizes, tokens_per_block), 0)
+    blocks = np.where(has_prefix, _ceil_div(group_sizes, per_tile), 0)
     span_group = np.repeat(np.arange(num_groups), blocks)
     span_block = np.arange(int(blocks.sum())) - np.repeat(np.cumsum(blocks) - blocks, blocks)
-    span_qo_start = gi[span_group] + span_block * tokens_per_block
-    span_qo_len = np.minimum(tokens_per_block, gi[span_group + 1] - span_qo_start)
+    span_qo_start = gi[span_group] + span_block * per_tile
+    span_qo_len = np.minimum(per_tile, gi[span_group + 1] - span_qo_start)
     suffix_tok = np.flatnonzero(suffix_lens > 0)
     if prefix_chunk is None or suffix_chunk is None:
         auto_p, auto_s = _balanced_chunks(prefix_lens[span_group], span_qo_len * gqa_group_size,
@@ -237,7 +236,7 @@ def _plan_once(group_indptr, prefix_kv_indptr, suffix_kv_indptr, gqa_group_size,
                           prefix_chunk, np.zeros_like(span_group))
     prefix_items = _chunk_major(prefix_items, np.repeat(span_group, _ceil_div(prefix_lens[span_group], prefix_chunk)))
 
-    # Suffix spans: one per request with a non-empty suffix; slots follow its group's prefix chunks.
+    # Suffix spans: one per request with a non-empty suffix; its partials follow its group's prefix chunks.
     n_prefix_chunks = np.where(has_prefix, _ceil_div(prefix_lens, prefix_chunk), 0)[token_group]
     tok = suffix_tok
     suffix_items = _longest_first(_items(tok, np.ones_like(tok), int(pi[-1]) + si[tok], suffix_lens[tok],

@@ -1,7 +1,7 @@
-"""Device-side plans of the packed cascade kernel: the host :class:`~.plan.WorkPlan` copied next to
-the KV indices as one int32 table (:func:`make_plan`), or into fixed-address buffers that CUDA
-graphs replay (:class:`StaticPlanBuffers`); optionally with each item's base slot for the kernel's
-contiguous path (:func:`.kv_indices.item_kv_bases`).
+"""The plan the packed kernel reads: :class:`PackedCascadePlan`, the host :class:`~.plan.WorkPlan`
+copied next to the KV indices as one int32 table (:func:`make_plan`), or into fixed-address buffers
+that CUDA graphs replay (:class:`PlanBuffers`); optionally with each item's base slot for the
+kernel's contiguous path (:func:`.kv_indices.item_kv_bases`).
 """
 
 from __future__ import annotations
@@ -10,12 +10,10 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import triton
 
 from .kv_indices import item_kv_bases
+from .launch import PREFIX_BLOCK_M, suffix_block_m_for
 from .plan import ITEM_FIELDS, WorkPlan
-
-PREFIX_BLOCK_M = 64  # query rows of a prefix tile (a group's requests x the GQA ratio)
 
 
 class PackedCascadePlan(NamedTuple):
@@ -23,9 +21,8 @@ class PackedCascadePlan(NamedTuple):
 
     ``kv_indices`` is ``cat(prefix_kv_indices, suffix_kv_indices)`` (int32); ``items``, ``counts``
     and ``merge_indptr`` are int32 on the same device; see :mod:`.plan`. A plan in
-    :class:`StaticPlanBuffers` (CUDA graphs) has capacity-sized tensors and a fixed grid: ``num_programs``
-    (persistent) or ``grid_items`` (flat).
-    With ``kv_base`` (:func:`.kv_indices.item_kv_bases` of ``kv_indices``) the kernel reads an
+    :class:`PlanBuffers` (CUDA graphs) has capacity-sized tensors and a fixed grid of ``grid_items``
+    items' programs per KV head, those past the plan's units exiting. With ``kv_base`` (:func:`.kv_indices.item_kv_bases` of ``kv_indices``) the kernel reads an
     item whose chunk is one run of consecutive slots at ``base + offset``, without its slot ids;
     ``None`` compiles that path out.
     """
@@ -38,12 +35,10 @@ class PackedCascadePlan(NamedTuple):
     num_partials: int  # rows of the float32 partial buffers (a capacity in static plans)
     prefix_block_m: int
     suffix_block_m: int
-    num_programs: int | None = None  # persistent grid (num_programs, num_kv_heads); None: per item and head
-    has_prefix: bool = True  # whether there are prefix items (static plans: whether there may be)
-    plain_num_programs: int | None = None  # static plans: grid of the plain-decode launch (ROLE 2)
+    has_prefix: bool = True  # whether there are prefix items (graph plans: whether there may be)
     kv_base: torch.Tensor | None = None  # [>= num_items] int32: an item's first slot if one run, else -1
-    # static plans launched flat (CUDA graphs' default): a fixed grid of grid_items x num_kv_heads
-    # programs, those past the plan's units exiting; plain_grid_items: the pair's plain-decode launch
+    # graph plans: a fixed grid of grid_items x num_kv_heads programs; plain_grid_items: the grid of
+    # the pair's plain-decode launch (ROLE 2), None when the graph captures one launch
     grid_items: int | None = None
     plain_grid_items: int | None = None
 
@@ -61,11 +56,6 @@ def copy_host_into(dst: torch.Tensor, host: torch.Tensor) -> None:
     if dst.device.type == "cuda":
         host = host.pin_memory()
     dst[: host.numel()].copy_(host, non_blocking=True)
-
-
-def suffix_block_m_for(gqa_group_size: int) -> int:
-    """Rows of a suffix tile: the GQA ratio, padded to the 16 rows ``tl.dot`` needs."""
-    return max(16, triton.next_power_of_2(gqa_group_size))
 
 
 def _host_table(work: WorkPlan, merge_len: int | None = None) -> np.ndarray:
@@ -98,7 +88,7 @@ def make_plan(
     )
 
 
-class StaticPlanBuffers:
+class PlanBuffers:
     """Fixed-address plan tensors for CUDA graphs: a graph captured over them replays any plan
     written later by :meth:`write` (nothing is planned inside capture).
 
@@ -118,23 +108,22 @@ class StaticPlanBuffers:
         self.kv_indices = torch.zeros(max(1, max_kv_tokens), dtype=torch.int32, device=device)
         self.kv_base = torch.full((max(1, max_items),), -1, dtype=torch.int32, device=device)
 
-    def write(self, work: WorkPlan, gqa_group_size: int, num_programs: int | None, num_partials: int,
-              prefix_block_m: int = PREFIX_BLOCK_M, plain_num_programs: int | None = None,
-              num_kv_tokens: int | None = None, grid_items: int | None = None,
-              plain_grid_items: int | None = None) -> PackedCascadePlan:
+    def write(self, work: WorkPlan, gqa_group_size: int, num_partials: int, grid_items: int,
+              plain_grid_items: int | None = None, num_kv_tokens: int | None = None,
+              prefix_block_m: int = PREFIX_BLOCK_M) -> PackedCascadePlan:
         """Copies ``work`` into the buffers (asynchronously on the current stream) and returns the plan
-        that reads them: ``num_programs`` persistent programs per KV head, or with
-        ``plain_num_programs`` a pair of launches (see ``ROLE`` of the kernel) whose plain-decode one
-        has that many; or (``num_programs`` None) flat launches of ``grid_items`` (and the pair's
-        ``plain_grid_items``) items' programs per KV head, at least the plan's items. With
-        ``num_kv_tokens`` (the step's slots, already gathered into ``kv_indices[:num_kv_tokens]``)
-        the items' base slots are computed too (contiguous fast path; a graph captured with them must
-        always get them). Raises ``ValueError`` when ``work`` exceeds a capacity or the grid."""
+        that reads them, launched on a fixed grid of ``grid_items`` items' programs per KV head (at
+        least the plan's items), or with ``plain_grid_items`` as a pair of launches (``ROLE`` of the
+        kernel) whose plain-decode one has that grid. With ``num_kv_tokens`` (the step's slots,
+        already gathered into ``kv_indices[:num_kv_tokens]``) the items' base slots are computed too
+        (contiguous fast path; a graph captured with them must always get them).
+
+        Raises:
+            ValueError: when ``work`` exceeds a capacity or the grid.
+        """
         n_items = len(work.prefix_items) + len(work.suffix_items)
         n_tokens = len(work.merge_indptr) - 1
-        if (num_programs is None) == (grid_items is None):
-            raise ValueError("give exactly one of num_programs (persistent launch) and grid_items (flat launch)")
-        cap = self.max_items if grid_items is None else min(self.max_items, grid_items, plain_grid_items or grid_items)
+        cap = min(self.max_items, grid_items, plain_grid_items or grid_items)
         if n_items > cap or n_tokens > self.max_tokens or work.num_partials > num_partials:
             raise ValueError(f"plan of {n_items} items, {n_tokens} tokens, {work.num_partials} partials "
                              f"exceeds capacity {cap} items, {self.max_tokens} tokens, {num_partials} partials")
@@ -145,6 +134,5 @@ class StaticPlanBuffers:
             item_kv_bases(self.kv_indices[: max(1, num_kv_tokens)], self.items[:n_items, 2],
                           self.items[:n_items, 3], bases)
         return PackedCascadePlan(self.items, self.counts, self.merge_indptr, self.kv_indices, n_items,
-                                 num_partials, prefix_block_m, suffix_block_m_for(gqa_group_size), num_programs,
-                                 plain_num_programs=plain_num_programs, kv_base=bases, grid_items=grid_items,
-                                 plain_grid_items=plain_grid_items)
+                                 num_partials, prefix_block_m, suffix_block_m_for(gqa_group_size), kv_base=bases,
+                                 grid_items=grid_items, plain_grid_items=plain_grid_items)

@@ -22,27 +22,46 @@ environment variables reach every rank; ``packinfer serve`` sets them from its f
 | ``PACKINFER_COMPACT_PLACE_EVERY`` | 8 | decode steps between placement refreshes (host reads) at most |
 | ``PACKINFER_KV_BASE`` | 0 | the kernel reads KV chunks that are one run of slots by base + offset |
 | ``PACKINFER_FRAG_LOG_EVERY`` | 0 | decode steps between KV fragmentation log lines, compaction on or off (0: never) |
-| ``PACKINFER_GRAPH_LAUNCH`` | flat | decode CUDA graphs launch the kernel ``flat`` (a grid per captured batch size, idle programs exit) or ``persistent`` |
 
-The compaction cost rule is :mod:`packinfer_sglang.compaction_plan`'s docstring; the placement
-policy is :mod:`packinfer_sglang.placement`'s. Placement follows ``PACKINFER_COMPACT``: it runs only
+Every variable is validated when the process starts (:func:`validate_environment`): a bad value, or
+a ``PACKINFER_*`` name that is none of these, raises :class:`ConfigError` with one line naming the
+variable, the value and what is allowed (``packinfer serve`` and the plugin exit with code 2).
+
+The compaction cost rule is :mod:`packinfer_sglang.compaction.plan`'s docstring; the placement
+policy is :mod:`packinfer_sglang.compaction.placement`'s. Placement follows ``PACKINFER_COMPACT``: it runs only
 when compaction is on, unless ``PACKINFER_COMPACT_PLACE=0`` turns it off there. The fragmentation
 log (:mod:`packinfer_sglang.patches.fragmentation_log`) reads the device once per line.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields
 from functools import lru_cache
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+PREFIX = "PACKINFER_"
+
+
+class ConfigError(ValueError):
+    """A bad packinfer setting; the message is one line naming the variable, its value and what
+    is allowed."""
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a config field: ``min_prefix_tokens`` -> ``PACKINFER_MIN_PREFIX_TOKENS``."""
+    return PREFIX + field.upper()
 
 
 @dataclass(frozen=True)
 class PackInferConfig:
-    """Grouping thresholds and debug switches (see module docstring for the variables)."""
+    """Grouping thresholds and debug switches (see module docstring for the variables).
+
+    Raises:
+        ConfigError: on a value outside its range, naming the field's environment variable.
+    """
 
     min_prefix_tokens: int = 256
     min_group_size: int = 2
@@ -61,28 +80,18 @@ class PackInferConfig:
     compact_place_every: int = 8
     kv_base: bool = False
     frag_log_every: int = 0
-    graph_launch: str = "flat"
 
     def __post_init__(self):
-        if self.min_prefix_tokens < 1:
-            raise ValueError(f"min_prefix_tokens must be >= 1, got {self.min_prefix_tokens}")
-        if self.min_group_size < 2:
-            raise ValueError(f"min_group_size must be >= 2, got {self.min_group_size}")
+        at_least = {"min_prefix_tokens": 1, "min_group_size": 2, "verify_every": 1, "log_every": 0,
+                    "frag_log_every": 0, "compact_every": 1, "compact_horizon": 1, "compact_max_tokens": 1,
+                    "compact_place_every": 1, "compact_gather_penalty": 0}
+        for name, low in at_least.items():
+            if not getattr(self, name) >= low:
+                _fail(name, getattr(self, name), f"must be >= {low}")
         if not 0 < self.verify_rtol < 1:
-            raise ValueError(f"verify_rtol must be in (0, 1), got {self.verify_rtol}")
-        if self.verify_every < 1:
-            raise ValueError(f"verify_every must be >= 1, got {self.verify_every}")
-        for name in ("log_every", "frag_log_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("compact_every", "compact_horizon", "compact_max_tokens", "compact_place_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.graph_launch not in ("flat", "persistent"):
-            raise ValueError(f"graph_launch must be 'flat' or 'persistent', got {self.graph_launch!r}")
-        if self.compact_min_gain <= 0 or self.compact_gather_penalty < 0:
-            raise ValueError(f"compact_min_gain must be > 0 and compact_gather_penalty >= 0, got "
-                             f"{self.compact_min_gain}, {self.compact_gather_penalty}")
+            _fail("verify_rtol", self.verify_rtol, "must be in (0, 1)")
+        if not self.compact_min_gain > 0:
+            _fail("compact_min_gain", self.compact_min_gain, "must be > 0")
 
     @property
     def place(self) -> bool:
@@ -90,30 +99,58 @@ class PackInferConfig:
         return self.compact and self.compact_place
 
 
+def _fail(name: str, value, allowed: str):
+    raise ConfigError(f"{env_name(name)}={value!r}: {allowed}")
+
+
 def _parse(name: str, raw: str, typ):
     if typ is bool:
         low = raw.strip().lower()
         if low in _TRUE | _FALSE:
             return low in _TRUE
-        raise ValueError(f"PACKINFER_{name.upper()}={raw!r}: expected one of 0/1/true/false/yes/no/on/off")
+        _fail(name, raw, "expected one of 0/1/true/false/yes/no/on/off")
     try:
-        return typ(raw)
+        value = typ(raw)
     except ValueError:
-        raise ValueError(f"PACKINFER_{name.upper()}={raw!r}: expected {typ.__name__}") from None
+        value = None
+    if value is None:
+        _fail(name, raw, f"expected {'an integer' if typ is int else 'a number'}")
+    if typ is float and not math.isfinite(value):
+        _fail(name, raw, "expected a finite number")
+    return value
 
 
 def config_from_env(environ=None) -> PackInferConfig:
-    """Builds the config from ``PACKINFER_<FIELD>`` variables; raises ``ValueError`` on bad values."""
+    """Builds the config from ``PACKINFER_<FIELD>`` variables.
+
+    Raises:
+        ConfigError: on a bad value or an unknown ``PACKINFER_*`` variable.
+    """
     environ = os.environ if environ is None else environ
+    known = {env_name(f.name): f for f in fields(PackInferConfig)}
+    unknown = sorted(k for k in environ if k.startswith(PREFIX) and k not in known)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}={environ[unknown[0]]!r}: not a packinfer setting (known: "
+                          f"{', '.join(sorted(known))})")
     kwargs = {}
-    for f in fields(PackInferConfig):
-        raw = environ.get(f"PACKINFER_{f.name.upper()}")
+    for name, f in known.items():
+        raw = environ.get(name)
         if raw is not None:
-            kwargs[f.name] = _parse(f.name, raw, {"int": int, "float": float, "bool": bool, "str": str}[f.type])
+            kwargs[f.name] = _parse(f.name, raw, {"int": int, "float": float, "bool": bool}[f.type])
     return PackInferConfig(**kwargs)
 
 
 @lru_cache(maxsize=1)
 def get_config() -> PackInferConfig:
-    """The process-wide config, read once."""
+    """The process-wide config, read once.
+
+    Raises:
+        ConfigError: see :func:`config_from_env`.
+    """
     return config_from_env()
+
+
+def validate_environment(environ=None) -> PackInferConfig:
+    """Reads and checks every ``PACKINFER_*`` variable (the start-up check of ``packinfer serve``,
+    ``packinfer demo`` and the plugin); raises :class:`ConfigError`."""
+    return config_from_env(environ)

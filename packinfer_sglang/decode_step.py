@@ -21,15 +21,9 @@ import numpy as np
 import torch
 
 from .grouping import DecodeGroups
-from .kernels import PackedCascadePlan, gather_kv_indices, make_plan, plan_work, run_packed_cascade
-from .kernels.packed_cascade import (
-    PREFIX_BLOCK_M,
-    StaticPlanBuffers,
-    copy_host_into,
-    host_to_device,
-    launch_config,
-    persistent_programs,
-)
+from .kernels import PackedCascadePlan, PlanBuffers, gather_kv_indices, make_plan, plan_work, run_packed_cascade
+from .kernels.launch import PREFIX_BLOCK_M, launch_config, programs_per_head
+from .kernels.plan_tensors import copy_host_into, host_to_device
 
 
 class DecodeStep(NamedTuple):
@@ -63,70 +57,58 @@ def _indptr(lens: np.ndarray) -> np.ndarray:
     return out
 
 
-FLAT_ITEMS_PER_REQUEST, FLAT_ITEMS_PER_SLOT = 2, 4
+GRID_ITEMS_PER_REQUEST, GRID_ITEMS_PER_PROGRAM = 2, 4
 
 
-def flat_grid_items(padded_bs: int, num_sms: int, waves: int, num_kv_heads: int) -> int:
-    """Items per KV head of a CUDA graph's flat grid for ``padded_bs`` requests:
-    ``FLAT_ITEMS_PER_REQUEST`` per request plus ``FLAT_ITEMS_PER_SLOT`` per program slot of a head
-    (:func:`~.kernels.packed_cascade.persistent_programs`). Every plan of the kernel grid on an
+def graph_grid_items(padded_bs: int, num_sms: int, programs_per_sm: int, num_kv_heads: int) -> int:
+    """Items per KV head of a CUDA graph's fixed grid for ``padded_bs`` requests:
+    ``GRID_ITEMS_PER_REQUEST`` per request plus ``GRID_ITEMS_PER_PROGRAM`` per concurrent program of a
+    head (:func:`~.kernels.launch.programs_per_head`). Every plan of the kernel grid on an
     H200-sized GPU needs at most about half of that (one item per request for its suffix, the
-    prefix row blocks, and the splits that fill the slots; ``tests/test_scripts.py``)."""
-    return (FLAT_ITEMS_PER_REQUEST * padded_bs
-            + FLAT_ITEMS_PER_SLOT * persistent_programs(num_sms, waves, num_kv_heads))
+    prefix row blocks, and the splits that fill the programs; ``tests/test_scripts.py``)."""
+    return (GRID_ITEMS_PER_REQUEST * padded_bs
+            + GRID_ITEMS_PER_PROGRAM * programs_per_head(num_sms, programs_per_sm, num_kv_heads))
 
 
 class GraphBuffers:
     """Fixed-address metadata for packed decode inside SGLang's decode CUDA graphs.
 
     One set serves every captured batch size (one graph replays at a time): the plan tables and
-    ``kv_indices`` (:class:`StaticPlanBuffers`), the row permutation, and a fixed grid per captured
-    batch size. ``launch="flat"`` (the default): ``grid_items(padded_bs)`` x ``num_kv_heads`` flat
-    programs, those past the step's units exiting at once; plans are capped at that many items.
-    ``launch="persistent"``: ``num_programs`` x ``num_kv_heads`` programs that loop over however many
-    items a step has. On the H200 the flat grid, even at 8 times the plan's units, was 1-35% faster
-    than the persistent pair on 11 sharing and no-sharing cases (``benchmarks/results/ab_grid_h200.json``).
-    Partial states get ``PARTIALS_PER_REQUEST`` rows per (padded) request; plans are coarsened to fit.
-    ``waves``: resident programs per multiprocessor of the launch's kernel (its occupancy).
-    ``plain_waves``: the same for the kernel compiled for plain decode (suffix-height tiles); when
-    given, graphs capture both launches and steps without prefix items run on that one.
+    ``kv_indices`` (:class:`~.kernels.PlanBuffers`), the row permutation, and a fixed grid of
+    ``grid_items(padded_bs)`` x ``num_kv_heads`` programs per captured batch size, those past a
+    step's units exiting at once; plans are capped at that many items. On the H200 this flat grid,
+    even at 8 times the plan's units, was 1-35% faster than a persistent grid on 11 sharing and
+    no-sharing cases (``benchmarks/results/ab_grid_h200.json``). Partial states get
+    ``PARTIALS_PER_REQUEST`` rows per (padded) request; plans are coarsened to fit.
+    ``programs_per_sm``: the occupancy of the prefix launch; ``plain_programs_per_sm``: that of the
+    plain-decode launch (suffix-height tiles). When given, graphs capture both launches and steps
+    without prefix items run on the plain one.
     """
 
     PARTIALS_PER_REQUEST = 16
 
     def __init__(self, max_bs: int, max_context_len: int, num_kv_heads: int, num_sms: int,
-                 device: torch.device, waves: int = 2, plain_waves: int | None = None, launch: str = "flat"):
-        if launch not in ("flat", "persistent"):
-            raise ValueError(f"launch must be 'flat' or 'persistent', got {launch!r}")
-        self.max_bs, self.waves, self.plain_waves, self.launch = max_bs, waves, plain_waves, launch
-        self.num_kv_heads, self.num_sms = num_kv_heads, num_sms
-        most = max(waves, plain_waves or 0)
-        self.plan = StaticPlanBuffers(max_bs, 8 * (max_bs + num_sms * most), max_bs * max_context_len, device)
+                 device: torch.device, programs_per_sm: int = 2, plain_programs_per_sm: int | None = None):
+        self.max_bs, self.num_kv_heads, self.num_sms = max_bs, num_kv_heads, num_sms
+        self.programs_per_sm, self.plain_programs_per_sm = programs_per_sm, plain_programs_per_sm
+        most = max(programs_per_sm, plain_programs_per_sm or 0)
+        self.plan = PlanBuffers(max_bs, 8 * (max_bs + num_sms * most), max_bs * max_context_len, device)
         self.perm = torch.arange(max_bs, dtype=torch.int64, device=device)
-        self.num_programs = persistent_programs(num_sms, waves, num_kv_heads)
-        self.plain_num_programs = None if plain_waves is None else persistent_programs(num_sms, plain_waves,
-                                                                                        num_kv_heads)
 
     def num_partials(self, padded_bs: int) -> int:
         return padded_bs * self.PARTIALS_PER_REQUEST
 
     def grid_items(self, padded_bs: int) -> int:
-        """Items (per KV head) of the flat grid captured for ``padded_bs``: the cap of its plans."""
-        return min(self.plan.max_items, flat_grid_items(padded_bs, self.num_sms, max(self.waves, self.plain_waves or 0),
-                                                        self.num_kv_heads))
-
-    def max_items(self, padded_bs: int) -> int:
-        """Most items a plan for ``padded_bs`` may have."""
-        return self.grid_items(padded_bs) if self.launch == "flat" else self.plan.max_items
+        """Items (per KV head) of the grid captured for ``padded_bs``: the cap of its plans."""
+        most = max(self.programs_per_sm, self.plain_programs_per_sm or 0)
+        return min(self.plan.max_items, graph_grid_items(padded_bs, self.num_sms, most, self.num_kv_heads))
 
     def write(self, work, gqa: int, padded_bs: int, num_kv_tokens: int | None):
         """The plan of ``work`` in these buffers, with this launch's fixed grid for ``padded_bs``."""
-        if self.launch == "persistent":
-            return self.plan.write(work, gqa, self.num_programs, self.num_partials(padded_bs),
-                                   plain_num_programs=self.plain_num_programs, num_kv_tokens=num_kv_tokens)
         grid = self.grid_items(padded_bs)
-        return self.plan.write(work, gqa, None, self.num_partials(padded_bs), num_kv_tokens=num_kv_tokens,
-                               grid_items=grid, plain_grid_items=None if self.plain_waves is None else grid)
+        return self.plan.write(work, gqa, self.num_partials(padded_bs), grid,
+                               plain_grid_items=None if self.plain_programs_per_sm is None else grid,
+                               num_kv_tokens=num_kv_tokens)
 
 
 def _segments(groups: DecodeGroups, prefix: np.ndarray, suffix: np.ndarray):
@@ -155,8 +137,8 @@ def build_decode_step(
     num_sms: int,
     graph: GraphBuffers | None = None,
     padded_bs: int | None = None,
-    waves: int = 2,
-    plain_waves: int | None = None,
+    programs_per_sm: int = 2,
+    plain_programs_per_sm: int | None = None,
     kv_base: bool = False,
 ) -> DecodeStep:
     """Builds a step's plan.
@@ -168,9 +150,10 @@ def build_decode_step(
         req_to_token: ``[num_req_slots, max_context_len]`` int32 position→slot table (device).
         num_qo_heads, num_kv_heads: attention heads of this rank.
         num_sms: multiprocessors, for the chunk sizes of the work plan.
-        waves: resident programs per multiprocessor (:func:`~.kernels.packed_cascade.kernel_occupancy`)
-            for eager steps; graph steps use ``graph.waves``. ``plain_waves``: the same for steps
-            without prefix items, which run the plain-decode tiles (default ``waves``).
+        programs_per_sm: resident programs per multiprocessor of the prefix launch
+            (:func:`~.kernels.launch.kernel_occupancy`) for eager steps; graph steps use the graph's.
+            ``plain_programs_per_sm``: the same for steps without prefix items, which run the
+            plain-decode tiles (default ``programs_per_sm``).
         graph: write the plan into these CUDA-graph buffers instead of fresh tensors; then
             ``padded_bs`` (>= ``num_tokens``) is the captured batch size whose extra rows are padding.
         kv_base: mark the items whose KV chunk is one run of consecutive slots, which the kernel then
@@ -196,16 +179,16 @@ def build_decode_step(
     gather_kv_indices(req_to_token, pool_rows, seg_dev[n_seg : 2 * n_seg], seg_dev[2 * n_seg :], kv_indices)
 
     gqa = num_qo_heads // num_kv_heads
-    limits = {} if graph is None else {"max_items": graph.max_items(padded_bs),
+    limits = {} if graph is None else {"max_items": graph.grid_items(padded_bs),
                                        "max_partials": graph.num_partials(padded_bs)}
     if graph is not None:
-        waves, plain_waves = graph.waves, graph.plain_waves
-    plain = prefix_indptr[-1] == 0 and plain_waves is not None
+        programs_per_sm, plain_programs_per_sm = graph.programs_per_sm, graph.plain_programs_per_sm
+    plain = prefix_indptr[-1] == 0 and plain_programs_per_sm is not None
     # the launch that runs it: eager steps without prefix items always take the plain-decode one
-    plain_launched = prefix_indptr[-1] == 0 and (graph is None or plain_waves is not None)
+    plain_launched = prefix_indptr[-1] == 0 and (graph is None or plain_programs_per_sm is not None)
     work = plan_work(groups.group_indptr, prefix_indptr, suffix_indptr, gqa_group_size=gqa,
                      num_kv_heads=num_kv_heads, prefix_block_m=PREFIX_BLOCK_M, num_sms=num_sms,
-                     waves=plain_waves if plain else waves,
+                     programs_per_sm=plain_programs_per_sm if plain else programs_per_sm,
                      kv_align=launch_config(dev, plain_launched)[0], **limits)
     if graph is None:
         perm = None if groups.is_identity else _to_device(groups.order, dev)

@@ -29,10 +29,11 @@ def shared_prefix_prompts(rng: random.Random, num_groups: int, prompts_per_group
 
 
 def new_cache(config: PackInferConfig):
-    """A :class:`PackInferRadixCache` on CPU without memory pools (values are given on insert)."""
+    """A :class:`~.serving.radix_cache.PackInferRadixCache` on CPU without memory pools (values are
+    given on insert)."""
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 
-    from .radix_cache import PackInferRadixCache
+    from .serving.radix_cache import PackInferRadixCache
 
     params = CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=None, page_size=1)
     return PackInferRadixCache(params, config)
@@ -47,7 +48,7 @@ def admit(cache, prompts: list[list[int]], rng: random.Random):
     from sglang.srt.mem_cache.base_prefix_cache import InsertParams, MatchPrefixParams
     from sglang.srt.mem_cache.radix_cache import RadixKey
 
-    from .radix_cache import slots_of_path
+    from .grouping import slots_of_path
 
     next_slot, reqs = 0, []
     for i, tokens in enumerate(prompts):
@@ -77,13 +78,14 @@ class DemoResult(NamedTuple):
 
 def run_demo(num_groups=4, prompts_per_group=8, system_len=256, question_len=16, decoded=4,
              num_qo_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, seed=0,
-             device="cpu") -> DemoResult:
-    """Runs the pipeline once (see module docstring); sizes in tokens."""
+             device="cpu", config: PackInferConfig | None = None) -> DemoResult:
+    """Runs the pipeline once (see module docstring); sizes in tokens. ``config``: the grouping
+    thresholds (default: :class:`PackInferConfig`'s defaults)."""
     from .decode_step import build_decode_step, run_decode_step
     from .kernels.reference import flat_decode_attention_ref
 
     rng = random.Random(seed)
-    cache = new_cache(PackInferConfig(min_prefix_tokens=min(64, system_len)))
+    cache = new_cache(config or PackInferConfig())
     reqs, next_slot = admit(cache, shared_prefix_prompts(rng, num_groups, prompts_per_group, system_len,
                                                          question_len), rng)
     rows = [torch.cat([r.slots, torch.arange(next_slot + i * decoded, next_slot + (i + 1) * decoded)])
@@ -94,7 +96,7 @@ def run_demo(num_groups=4, prompts_per_group=8, system_len=256, question_len=16,
     for i, s in enumerate(rows):
         req_to_token[i, : len(s)] = s.to(torch.int32)
     cache.check_integrity()
-    groups = cache.decode_groups(reqs, seq_lens.tolist())
+    groups = cache.runtime.decode_groups(reqs, seq_lens.tolist())
 
     dev = torch.device(device)
     g = torch.Generator().manual_seed(seed)

@@ -13,7 +13,7 @@ cut is found by a bottom-up dynamic program over the nodes on the requests' path
     own(n)  = net(count(n), depth(n))   if depth(n) >= min_prefix_tokens and count(n) >= min_group_size
               0                         otherwise
 
-where ``net`` is the saving in KV tokens net of what packing adds (:mod:`.cost_model`; without a
+where ``net`` is the saving in KV tokens net of what packing adds (:mod:`.kernels.cost_model`; without a
 cost model, the plain ``(count - 1) * depth``); a node is taken only when ``own(n) > 0``.
 
 Requests of no group form groups of one with an empty prefix (their whole context is suffix).
@@ -27,8 +27,9 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
+import torch
 
-from .cost_model import PackingCost
+from .kernels.cost_model import PackingCost
 
 
 class DecodeGroups(NamedTuple):
@@ -152,3 +153,12 @@ def _pack(groups, seq_lens, num_tokens) -> DecodeGroups:
     indptr = np.zeros(len(groups) + 1, dtype=np.int32)
     indptr[1:] = np.cumsum(sizes)
     return DecodeGroups(order, indptr, np.maximum(prefix, 0))
+
+
+def slots_of_path(node) -> torch.Tensor:
+    """Pool slots of the path root→``node`` of a radix tree (host copy), int64."""
+    parts = []
+    while node is not None and node.parent is not None:
+        parts.append(node.value)
+        node = node.parent
+    return torch.cat(parts[::-1]).cpu() if parts else torch.empty(0, dtype=torch.int64)

@@ -1,6 +1,6 @@
 """What SGLang's registries cannot reach, through ``HookRegistry`` only (registered by the plugin).
 
-- :mod:`.forward_batch`: carries the radix cache's decode groups onto each ``ForwardBatch``.
+- :mod:`.forward_batch`: hands each decode batch's groups to the backend through the scheduler's runtime.
 - :mod:`.batch_order`: keeps each group's running requests adjacent in the decode batch.
 - :mod:`.compaction_hook`: KV compaction and decode-token placement (only with ``PACKINFER_COMPACT=1``).
 - :mod:`.fragmentation_log`: KV fragmentation of the decode batch in the log (``PACKINFER_FRAG_LOG_EVERY``).

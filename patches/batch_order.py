@@ -42,14 +42,13 @@ def _reorder_safe(batch) -> bool:
 
 
 def group_adjacent(batch, *args, **kwargs):
-    """``HookType.BEFORE`` hook: ``(batch)``; returns ``None`` (arguments unchanged)."""
-    from packinfer_sglang.config import get_config
-    from packinfer_sglang.radix_cache import batch_cache
+    """``HookType.BEFORE`` hook: ``(batch)``; returns ``None`` (arguments unchanged). The groups come
+    from the scheduler's runtime, with the same cost gate the backend's step uses."""
+    from packinfer_sglang.serving.runtime import runtime_of
 
-    tree = batch_cache(batch)
-    if not (get_config().reorder_batch and tree is not None and _reorder_safe(batch)):
+    runtime = runtime_of(batch)
+    if runtime is None or not runtime.config.reorder_batch or not _reorder_safe(batch):
         return
-    groups = tree.decode_groups(batch.reqs, batch.seq_lens_cpu)
+    groups = runtime.decode_groups(batch.reqs, batch.seq_lens_cpu)
     if not groups.is_identity:
         permute_batch(batch, groups.order.tolist())
-    return

@@ -27,13 +27,6 @@ TARGET = "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_decode"
 LINE_PREFIX = "packinfer: fragmentation step"
 
 
-class _State:
-    steps = 0  # decode batches seen with the log on
-
-
-_state = _State()
-
-
 def _mean_max(runs: np.ndarray) -> tuple[float | None, int | None]:
     return (float(runs.mean()), int(runs.max())) if len(runs) else (None, None)
 
@@ -46,12 +39,12 @@ def fragmentation_record(cache, reqs) -> dict:
     a request outside a group is all suffix). Means and maxima are None over an empty set.
 
     Groups are the cache's thresholds without the backend's cost gate (``form_groups`` with
-    ``cost=None``), formed here rather than through ``cache.decode_groups``, whose memo the
+    ``cost=None``), formed here rather than through the runtime's ``decode_groups``, whose memo the
     backend's next lookup of the same batch would otherwise take."""
-    from packinfer_sglang.compaction import measure_fragmentation
+    from packinfer_sglang.compaction.relocate import measure_fragmentation
     from packinfer_sglang.grouping import form_groups
 
-    cfg = cache.packinfer_config
+    cfg = cache.runtime.config
     groups = form_groups([r.last_node for r in reqs], [r.kv.kv_allocated_len + 1 for r in reqs],
                          cfg.min_prefix_tokens, cfg.min_group_size)
     frag = measure_fragmentation(cache, reqs, groups)
@@ -65,15 +58,12 @@ def fragmentation_record(cache, reqs) -> dict:
 def log_fragmentation(batch, *args, **kwargs):
     """``HookType.BEFORE`` hook on ``prepare_for_decode``: ``(batch)``; returns ``None``. Without
     ``PACKINFER_FRAG_LOG_EVERY`` or the packinfer radix cache it returns at once."""
-    from packinfer_sglang.config import get_config
-    from packinfer_sglang.radix_cache import batch_cache
+    from packinfer_sglang.serving.runtime import runtime_of
 
-    every = get_config().frag_log_every
-    if not every or not batch.reqs:
+    runtime = runtime_of(batch)
+    if runtime is None or not runtime.config.frag_log_every or not batch.reqs:
         return
-    tree = batch_cache(batch)
-    if tree is None:
-        return
-    _state.steps += 1
-    if _state.steps % every == 0:
-        logger.info("%s %d: %s", LINE_PREFIX, _state.steps, json.dumps(fragmentation_record(tree, batch.reqs)))
+    runtime.decode_batches += 1
+    if runtime.decode_batches % runtime.config.frag_log_every == 0:
+        record = fragmentation_record(batch.tree_cache, batch.reqs)
+        logger.info("%s %d: %s", LINE_PREFIX, runtime.decode_batches, json.dumps(record))

@@ -1,4 +1,4 @@
-"""SGLang plugin entry point (``sglang.srt.plugins``: ``packinfer = packinfer_sglang.plugin:register``).
+"""SGLang plugin entry point (``sglang.srt.plugins``: ``packinfer = packinfer_sglang.serving.plugin:register``).
 
 ``register()`` runs in the server process and in every scheduler process, before arguments are
 parsed. It adds the attention backend and radix cache backend named ``packinfer`` and registers
@@ -8,6 +8,7 @@ the hooks of :mod:`packinfer_sglang.patches`. It imports no CUDA code and touche
 from __future__ import annotations
 
 import logging
+import sys
 
 logger = logging.getLogger(__name__)
 
@@ -16,17 +17,24 @@ _registered = False
 
 
 def register() -> None:
-    """Registers backends and hooks; idempotent."""
+    """Registers backends and hooks; idempotent. A bad ``PACKINFER_*`` setting ends the process with
+    one line on stderr and exit code 2 (``SystemExit``, which SGLang's plugin loader does not catch)."""
     global _registered
     if _registered:
         return
+    from ..config import ConfigError, get_config
+
+    try:
+        config = get_config()
+    except ConfigError as e:
+        print(f"packinfer: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS, register_attention_backend
     from sglang.srt.mem_cache.registry import register_radix_cache_backend, registered_radix_cache_backends
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
     from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
 
-    from .config import get_config
-    from .patches import batch_order, forward_batch
+    from ..patches import batch_order, forward_batch
 
     if NAME not in ATTENTION_BACKENDS:
         register_attention_backend(NAME)(_create_attention_backend)
@@ -36,16 +44,16 @@ def register() -> None:
         register_radix_cache_backend(NAME, _create_radix_cache)
     HookRegistry.register(forward_batch.TARGET, forward_batch.attach_decode_groups, HookType.AFTER)
     HookRegistry.register(batch_order.TARGET, batch_order.group_adjacent, HookType.BEFORE)
-    if get_config().frag_log_every:  # before compaction's hook, so it runs after it (later ones run first)
-        from .patches import fragmentation_log
+    if config.frag_log_every:  # before compaction's hook, so it runs after it (later ones run first)
+        from ..patches import fragmentation_log
 
         HookRegistry.register(fragmentation_log.TARGET, fragmentation_log.log_fragmentation, HookType.BEFORE)
-    if get_config().compact:  # KV compaction (issue 5): off until measured
-        from .patches import compaction_hook
+    if config.compact:  # KV compaction (issue 5): off until measured
+        from ..patches import compaction_hook
 
         HookRegistry.register(compaction_hook.BEFORE_TARGET, compaction_hook.plan_and_relocate, HookType.BEFORE)
         HookRegistry.register(compaction_hook.AFTER_TARGET, compaction_hook.launch_copies, HookType.AFTER)
-        if get_config().place:  # new decode tokens next to their request's tail
+        if config.place:  # new decode tokens next to their request's tail
             HookRegistry.register(compaction_hook.PLACE_TARGET, compaction_hook.place_decode_tokens,
                                   HookType.BEFORE)
     _registered = True

@@ -1,13 +1,15 @@
 """``--attention-backend packinfer``: SGLang's Triton backend with packed cascade decode.
 
-Decode batches whose groups arrive from the radix cache (handed over by
+Decode batches whose groups arrive through the scheduler's :class:`~.runtime.PackInferRuntime`
+(``self.runtime``, bound by the packinfer radix cache; offered by
 :mod:`packinfer_sglang.patches.forward_batch`) run the packed kernel; a decode batch without groups
 still runs it, every request its own group. Everything else — extend, mixed, speculative, layers
 with logit capping, sliding windows, sinks or score mods — is SGLang's ``TritonAttnBackend``, which
 this class extends.
 
 Decode CUDA graphs: the graphs capture the packed kernels over fixed-address buffers
-(:class:`~packinfer_sglang.decode_step.GraphBuffers`) and a fixed grid; before every replay,
+(:class:`~packinfer_sglang.decode_step.GraphBuffers`) and a fixed grid per captured batch size
+(programs past a step's work exit at once); before every replay,
 ``init_forward_metadata_out_graph`` plans the step on the host and writes the buffers (nothing is
 planned inside capture). Padded rows of a graph batch get no work and come out zero.
 
@@ -25,17 +27,12 @@ import time
 import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
-from .config import get_config
-from .decode_step import DecodeStep, GraphBuffers, build_decode_step, run_decode_step
-from .grouping import ungrouped
-from .kernels.checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
-from .kernels.packed_cascade import (
-    PREFIX_BLOCK_M,
-    kernel_occupancy,
-    num_sms_of,
-    packed_cascade_attention,
-)
-from .radix_cache import current_cache
+from ..config import get_config
+from ..decode_step import DecodeStep, GraphBuffers, build_decode_step, run_decode_step
+from ..grouping import ungrouped
+from ..kernels import packed_cascade_attention
+from ..kernels.checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+from ..kernels.launch import kernel_occupancy, num_sms_of
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +44,8 @@ class PackInferAttnBackend(TritonAttnBackend):
         super().__init__(model_runner)
         self.config = get_config()
         self.num_sms = num_sms_of(torch.device(self.device))
-        self._waves: dict[tuple[bool, bool], int] = {}  # kernel occupancy, by (persistent, plain tiles)
+        self.runtime = None  # the scheduler's PackInferRuntime, bound by the packinfer radix cache
+        self._occupancies: dict[bool, int] = {}  # programs per SM of the launch, by plain tiles
         self._step: DecodeStep | None = None
         self._triton_ready = True  # whether TritonAttnBackend's metadata matches this batch
         self._batch = None
@@ -75,7 +73,7 @@ class PackInferAttnBackend(TritonAttnBackend):
         v_buffer = getattr(pool, "v_buffer", None)
         if not k_buffer or not v_buffer:
             return
-        self._occupancy(False), self._occupancy(False, plain=True)
+        self._occupancy(plain=False), self._occupancy(plain=True)
         i32 = lambda *a: torch.tensor(a, dtype=torch.int32, device=dev)
         q = torch.zeros(2, self.num_head, k_buffer[0].shape[-1], dtype=k_buffer[0].dtype, device=dev)
         for group_indptr, prefix_kv_indptr in ((i32(0, 1, 2), i32(0, 0, 0)), (i32(0, 2), i32(0, 1))):  # plain, shared
@@ -95,8 +93,8 @@ class PackInferAttnBackend(TritonAttnBackend):
             groups = groups or ungrouped(forward_batch.batch_size)
             self._step = build_decode_step(
                 groups, forward_batch.seq_lens_cpu, forward_batch.req_pool_indices, self.req_to_token,
-                self.num_head, self.num_kv_head, self.num_sms, waves=self._occupancy(False),
-                plain_waves=self._occupancy(False, plain=True), kv_base=self.config.kv_base,
+                self.num_head, self.num_kv_head, self.num_sms, programs_per_sm=self._occupancy(plain=False),
+                plain_programs_per_sm=self._occupancy(plain=True), kv_base=self.config.kv_base,
             )
             self._host_us += (time.perf_counter() - start) * 1e6
             self._log_step(forward_batch.batch_size)
@@ -108,13 +106,11 @@ class PackInferAttnBackend(TritonAttnBackend):
     def init_cuda_graph_state(self, max_bs, max_num_tokens, *args, **kwargs):
         super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
         dev = torch.device(self.device)
-        persistent = self.config.graph_launch == "persistent"
         self._graph = GraphBuffers(max_num_tokens, self.max_context_len, self.num_kv_head, self.num_sms, dev,
-                                   waves=self._occupancy(persistent),
-                                   plain_waves=self._occupancy(persistent, plain=True),
-                                   launch=self.config.graph_launch)
-        logger.info("packinfer: decode CUDA graphs launch the kernel %s", "persistent" if persistent else
-                    f"flat, up to {self._graph.grid_items(max_num_tokens)} items per KV head")
+                                   programs_per_sm=self._occupancy(plain=False),
+                                   plain_programs_per_sm=self._occupancy(plain=True))
+        logger.info("packinfer: decode CUDA graphs launch the kernel on up to %d items per KV head",
+                    self._graph.grid_items(max_num_tokens))
         if self.config.verify:
             self._graph_errs = torch.zeros(_MAX_LAYERS, dtype=torch.float32, device=dev)
             self._graph_rows = torch.zeros(max_num_tokens, 1, dtype=torch.float32, device=dev)
@@ -151,27 +147,26 @@ class PackInferAttnBackend(TritonAttnBackend):
             self._host_us += (time.perf_counter() - start) * 1e6
             self._log_step(raw_bs)
 
-    def _occupancy(self, persistent: bool, plain: bool = False) -> int:
+    def _occupancy(self, plain: bool) -> int:
         """Resident programs per multiprocessor of the packed kernel for this model (compiled once):
         the launch with 64-row prefix tiles, or (``plain``) the plain-decode one with suffix tiles."""
-        key = (persistent, plain)
-        if key not in self._waves:
+        if plain not in self._occupancies:
             pool, gqa = self.token_to_kv_pool, self.num_head // self.num_kv_head
-            self._waves[key] = kernel_occupancy(
+            self._occupancies[plain] = kernel_occupancy(
                 torch.device(self.device), pool.dtype, getattr(pool, "head_dim", self.v_head_dim), gqa,
-                prefix_block_m=PREFIX_BLOCK_M, persistent=persistent, has_kv_base=self.config.kv_base,
-                plain=plain)
-            logger.info("packinfer: kernel occupancy %d programs per SM (%s, %s tiles)", self._waves[key],
-                        "CUDA graphs" if persistent else "eager", "plain-decode" if plain else "prefix")
-        return self._waves[key]
+                has_kv_base=self.config.kv_base, plain=plain)
+            logger.info("packinfer: kernel occupancy %d programs per SM (%s tiles)", self._occupancies[plain],
+                        "plain-decode" if plain else "prefix")
+        return self._occupancies[plain]
 
     def _take_groups(self, seq_lens_cpu, batch_size):
-        cache = current_cache()
-        if cache is None and not self._warned_no_cache:
-            self._warned_no_cache = True
-            logger.warning("packinfer: no packinfer radix cache, so decode runs ungrouped; "
-                           "add --radix-cache-backend packinfer")
-        groups = cache.take_decode_groups(seq_lens_cpu[:batch_size]) if cache is not None else None
+        if self.runtime is None:
+            if not self._warned_no_cache:
+                self._warned_no_cache = True
+                logger.warning("packinfer: no packinfer radix cache, so decode runs ungrouped; "
+                               "add --radix-cache-backend packinfer")
+            return None
+        groups = self.runtime.take_step(seq_lens_cpu[:batch_size])
         self._grouped_by_tree = groups is not None and len(groups.order) == batch_size
         return groups if self._grouped_by_tree else None
 

@@ -18,8 +18,8 @@ Cost model (per relocated part: a group's prefix, or one member's suffix), all i
   * dtype_bytes`` (the extra cost of an indexed K/V row over a streamed one; 0 until measured on a
   GPU). After relocation the part is one run, so every gathered token stops paying. Index reads per
   token and layer: a suffix token is read once per KV head; a prefix token once per KV head and
-  per prefix tile, ``ceil(active_members / rows_per_tile)``, ``rows_per_tile = max(1,
-  prefix_block_m // gqa_group_size)`` (the packed kernel's plan, ``kernels/plan.py``);
+  per prefix tile, ``ceil(active_members / requests_per_tile)``
+  (:func:`~packinfer_sglang.kernels.launch.requests_per_tile`: the packed kernel's prefix tiles);
 - horizon: a member is expected to decode ``remaining_steps[i]`` more tokens (the caller caps
   ``max_new_tokens - generated`` at ``PACKINFER_COMPACT_HORIZON``); the prefix saves while any
   member runs, with the tile count falling as members finish; a suffix saves while its request runs.
@@ -50,6 +50,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+
+from ..kernels.launch import BLOCK_N, PREFIX_BLOCK_M, requests_per_tile
 
 
 class Owner(NamedTuple):
@@ -113,15 +115,17 @@ class CompactionPlan(NamedTuple):
 @dataclass(frozen=True)
 class CostModel:
     """Parameters of the cost rule (module docstring). Sizes per rank: ``num_kv_heads`` is the
-    rank's share under tensor parallelism."""
+    rank's share under tensor parallelism. ``prefix_block_m`` and ``chunk_tokens`` default to the
+    packed kernel's prefix launch (:mod:`packinfer_sglang.kernels.launch`), which runs every plan
+    with groups: compaction only moves groups."""
 
     num_layers: int
     num_kv_heads: int
     head_dim: int
     dtype_bytes: int
     gqa_group_size: int = 1
-    prefix_block_m: int = 64
-    chunk_tokens: int = 64
+    prefix_block_m: int = PREFIX_BLOCK_M
+    chunk_tokens: int = BLOCK_N
     index_bytes: int = 4
     gather_penalty: float = 0.0
     min_gain: float = 1.0
@@ -146,12 +150,12 @@ class CostModel:
 
     def prefix_reads(self, remaining_steps: np.ndarray) -> float:
         """Index reads of one prefix token per layer, summed over the horizon."""
-        rows = max(1, self.prefix_block_m // self.gqa_group_size)
+        per_tile = requests_per_tile(self.gqa_group_size, self.prefix_block_m)
         steps = np.sort(np.asarray(remaining_steps, dtype=np.int64))[::-1]  # longest first
         active = np.arange(1, len(steps) + 1)
         # between the (k+1)-th and k-th longest remaining, k members are active
         spans = steps - np.append(steps[1:], 0)
-        return float(self.num_kv_heads * (spans * -(-active // rows)).sum())
+        return float(self.num_kv_heads * (spans * -(-active // per_tile)).sum())
 
     def suffix_reads(self, remaining_steps: int) -> float:
         return float(self.num_kv_heads * remaining_steps)

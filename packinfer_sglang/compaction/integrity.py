@@ -6,7 +6,7 @@ Every page (a slot when ``page_size == 1``) except SGLang's padding page 0 has e
 - a radix-tree node (``node.value``, not evicted),
 - a live request's tail ``req_to_token[req, cache_protected_len:kv_allocated_len]`` (with
   ``page_size > 1`` the tail's last page, partly filled, is the request's),
-- or slots a relocation retired and has not yet returned (``pending``; see :mod:`.compaction`).
+- or slots a relocation retired and has not yet returned (``pending``; see :mod:`.relocate`).
 
 Counting tokens this is SGLang's own busy-time check (``SchedulerInvariantChecker``:
 ``available + evictable + protected + uncached == total``, uncached per request
@@ -20,13 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
-def _path_slots(node) -> torch.Tensor:
-    parts = []
-    while node is not None and node.parent is not None:
-        parts.append(node.value)
-        node = node.parent
-    return torch.cat(parts[::-1]).cpu() if parts else torch.empty(0, dtype=torch.int64)
+from ..grouping import slots_of_path
 
 
 def _tree_nodes(cache):
@@ -62,7 +56,7 @@ def _check_row(req, row: np.ndarray, ps: int, num_slots: int) -> None:
     used = row[:n]
     if len(used) and (used.min() < ps or used.max() >= num_slots):
         _fail(f"req {req.rid}: req_to_token entries outside [{ps}, {num_slots}): min {used.min()}, max {used.max()}")
-    path = _path_slots(req.last_node).numpy()
+    path = slots_of_path(req.last_node).numpy()
     if len(path) != cpl or not np.array_equal(path, used[:cpl]):
         _fail(f"req {req.rid}: row[:{cpl}] does not alias its tree path of {len(path)} tokens")
     pre = req.prefix_indices.cpu().numpy()

@@ -51,8 +51,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .compaction_alloc import claim_page_ranges, free_page_runs, move_kv, unsupported_reason
-from .compaction_plan import (
+from .alloc import claim_page_ranges, free_page_runs, move_kv, unsupported_reason
+from .plan import (
     CompactionPlan,
     CostModel,
     Fragmentation,
@@ -144,7 +144,7 @@ def measure_fragmentation(cache, reqs, groups=None) -> Fragmentation:
     log (``.summary()``). ``groups``: default ``cache.decode_groups`` (packinfer cache) or one group
     per request. One device-to-host copy of the batch's ``req_to_token`` rows."""
     if groups is None:
-        from .grouping import ungrouped
+        from ..grouping import ungrouped
 
         lens = [r.kv.kv_allocated_len + 1 for r in reqs]
         groups = cache.decode_groups(reqs, lens) if hasattr(cache, "decode_groups") else ungrouped(len(reqs))
@@ -246,6 +246,11 @@ class Relocator:
         for r in live:
             if r.prefix_indices is not None and r.prefix_indices.numel():
                 r.prefix_indices = self._lut[r.prefix_indices.to(dev)].to(r.prefix_indices.device)
+
+    @property
+    def has_pending_copies(self) -> bool:
+        """Whether relocations wait for :meth:`flush_copies`."""
+        return bool(self._copies)
 
     def flush_copies(self) -> int:
         """Launches the queued KV copies, oldest first, on the current stream; returns tokens."""
