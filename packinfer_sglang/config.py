@@ -22,6 +22,8 @@ environment variables reach every rank; ``packinfer serve`` sets them from its f
 | ``PACKINFER_COMPACT_PLACE_EVERY`` | 8 | decode steps between placement refreshes (host reads) at most |
 | ``PACKINFER_KV_BASE`` | 0 | the kernel reads KV chunks that are one run of slots by base + offset |
 | ``PACKINFER_FRAG_LOG_EVERY`` | 0 | decode steps between KV fragmentation log lines, compaction on or off (0: never) |
+| ``PACKINFER_PREFILL_BACKEND`` | auto | extend (prefill) and mixed batches: ``flashinfer`` (SGLang's FlashInfer backend), ``triton`` (SGLang's Triton backend), ``auto`` (flashinfer where it imports, else triton) |
+| ``PACKINFER_GRAPH_MAX_BS`` | 512 | capture decode CUDA graphs up to this batch size when ``--cuda-graph-max-bs`` is not given and SGLang's default is lower (0: SGLang's default) |
 
 Every variable is validated when the process starts (:func:`validate_environment`): a bad value, or
 a ``PACKINFER_*`` name that is none of these, raises :class:`ConfigError` with one line naming the
@@ -43,6 +45,7 @@ from functools import lru_cache
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 PREFIX = "PACKINFER_"
+PREFILL_BACKENDS = ("auto", "flashinfer", "triton")
 
 
 class ConfigError(ValueError):
@@ -80,11 +83,13 @@ class PackInferConfig:
     compact_place_every: int = 8
     kv_base: bool = False
     frag_log_every: int = 0
+    prefill_backend: str = "auto"
+    graph_max_bs: int = 512
 
     def __post_init__(self):
         at_least = {"min_prefix_tokens": 1, "min_group_size": 2, "verify_every": 1, "log_every": 0,
                     "frag_log_every": 0, "compact_every": 1, "compact_horizon": 1, "compact_max_tokens": 1,
-                    "compact_place_every": 1, "compact_gather_penalty": 0}
+                    "compact_place_every": 1, "compact_gather_penalty": 0, "graph_max_bs": 0}
         for name, low in at_least.items():
             if not getattr(self, name) >= low:
                 _fail(name, getattr(self, name), f"must be >= {low}")
@@ -92,6 +97,8 @@ class PackInferConfig:
             _fail("verify_rtol", self.verify_rtol, "must be in (0, 1)")
         if not self.compact_min_gain > 0:
             _fail("compact_min_gain", self.compact_min_gain, "must be > 0")
+        if self.prefill_backend not in PREFILL_BACKENDS:
+            _fail("prefill_backend", self.prefill_backend, f"expected one of {'/'.join(PREFILL_BACKENDS)}")
 
     @property
     def place(self) -> bool:
@@ -136,7 +143,7 @@ def config_from_env(environ=None) -> PackInferConfig:
     for name, f in known.items():
         raw = environ.get(name)
         if raw is not None:
-            kwargs[f.name] = _parse(f.name, raw, {"int": int, "float": float, "bool": bool}[f.type])
+            kwargs[f.name] = _parse(f.name, raw, {"int": int, "float": float, "bool": bool, "str": str}[f.type])
     return PackInferConfig(**kwargs)
 
 

@@ -21,7 +21,14 @@ import numpy as np
 import torch
 
 from .grouping import DecodeGroups
-from .kernels import PackedCascadePlan, PlanBuffers, gather_kv_indices, make_plan, plan_work, run_packed_cascade
+from .kernels import (
+    PackedCascadePlan,
+    PlanBuffers,
+    gather_kv_indices,
+    make_plan,
+    plan_work,
+    run_packed_cascade,
+)
 from .kernels.launch import PREFIX_BLOCK_M, launch_config, programs_per_head
 from .kernels.plan_tensors import copy_host_into, host_to_device
 

@@ -1,17 +1,18 @@
-#!/usr/bin/env python3
 """Decode attention for one layer: packed cascade vs SGLang's Triton decode, FlashInfer and FA2.
 
-Cases (:mod:`kernel_cases`) are decode batches written out per group and request; K/V sit in an
+Cases (:mod:`.kernel_cases`) are decode batches written out per group and request; K/V sit in an
 SGLang token pool ``[num_slots, num_kv_heads, head_dim]`` (page size 1) at scattered or contiguous
-slots. Each implementation (ours; the baselines of :mod:`kernel_baselines`) first runs on NaN-poisoned
+slots. Each implementation (ours; the baselines of :mod:`.kernel_baselines`) first runs on NaN-poisoned
 output and is compared with the fp32 oracle (relative L2 error); a wrong one is not timed. Copy
-bandwidth and matmul rate for the floor are measured in the same run. Results (:mod:`kernel_report`):
+bandwidth and matmul rate for the floor are measured in the same run. Results (:mod:`.kernel_report`):
 a line per case, then JSON, Markdown and a PNG under ``--out-dir``.
 
-    python scripts/bench_kernel.py --quick          # the six ANCHORS.md cases (< 3 min on an H100)
-    python scripts/bench_kernel.py --full           # the whole grid (50 cases, < 8 min)
-    python scripts/bench_kernel.py --full --cases zipf,het --list    # what would run, and its estimate
-    TRITON_INTERPRET=1 python scripts/bench_kernel.py --device cpu --tiny   # ours vs the oracle only
+Run from the repository root:
+
+    python -m scripts.bench_kernel --quick          # the six ANCHORS.md cases (< 3 min on an H100)
+    python -m scripts.bench_kernel --full           # the whole grid (50 cases, < 8 min)
+    python -m scripts.bench_kernel --full --cases zipf,het --list    # what would run, and its estimate
+    python -m scripts.bench_kernel --device cpu --tiny   # ours vs the oracle only, Triton interpreter
 """
 
 from __future__ import annotations
@@ -33,12 +34,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the kernel_* modules beside this file
+from . import kernel_baselines as kb
+from . import kernel_cases as kc
+from . import kernel_report as kr
 
-import kernel_baselines as kb
-import kernel_cases as kc
-import kernel_report as kr
+ROOT = Path(__file__).resolve().parents[1]
 
 TOLERANCE = {"bf16": 2e-2, "fp16": 1e-2}  # relative L2 error vs the fp32 oracle
 REP_MS = {"quick": 20.0, "full": 10.0, "tiny": 20.0}  # ms of calls per timed CUDA graph, by grid
@@ -69,7 +69,7 @@ def build_ours(inp: kc.CaseInputs, kern) -> kb.Impl:
 
 
 def build(name: str, inp: kc.CaseInputs, kern) -> kb.Impl:
-    """The implementation ``name`` (:data:`kernel_report.IMPLS`) bound to ``inp``."""
+    """The implementation ``name`` (:data:`.kernel_report.IMPLS`) bound to ``inp``."""
     return build_ours(inp, kern) if name == "ours" else kb.BASELINE_BUILDERS[name](inp)
 
 
@@ -136,7 +136,7 @@ def evaluate(name: str, inp: kc.CaseInputs, ref: torch.Tensor, kern, tol: float,
 
 def run_case(case: kc.Case, kern, device: torch.device, rates: tuple[float, float], rep_ms: float | None,
              impls: tuple[str, ...] = kr.IMPLS, seed: int = 0) -> dict:
-    """One summarized result row (:mod:`kernel_report`): the case, its floor, each implementation's result."""
+    """One summarized result row (:mod:`.kernel_report`): the case, its floor, each implementation's result."""
     start = time.perf_counter()
     inp = kc.make_inputs(case, device, seed)
     ref = kern.reference.packed_cascade_attention_ref(*inp.cascade_args())[0]  # fp32, per request
@@ -153,11 +153,11 @@ def run_case(case: kc.Case, kern, device: torch.device, rates: tuple[float, floa
 
 
 def import_kernels():
-    """``packinfer_sglang.kernels`` and its oracle module; if not installed, this checkout's ``kernels/``."""
+    """``packinfer_sglang.kernels`` and its oracle module; if not installed, this checkout's ``kernels/``
+    (importable as ``kernels`` when run from the repository root)."""
     try:
         kern = importlib.import_module("packinfer_sglang.kernels")
     except ImportError:
-        sys.path.insert(0, str(ROOT))
         kern = importlib.import_module("kernels")
     importlib.import_module(kern.__name__ + ".reference")
     return kern

@@ -5,14 +5,15 @@ For each backend in ``--backends`` (``NAME``, or ``NAME:VARIANT``: ``eager``, de
 prefill through SGLang's ``HybridAttnBackend`` (``--prefill-attention-backend flashinfer``); joined by
 ``+``, as ``packinfer:compact+eager``)
 this starts ``python -m sglang.launch_server`` once on a weightless model directory
-(``--load-format dummy``; ``scripts/make_model_dir.py``), waits for ``/health`` and starts one client
-runner (``serving_client.py``). Then, for each workload of ``--workloads`` in turn:
+(``--load-format dummy``; ``python -m scripts.make_model_dir``), waits for ``/health`` and starts one
+client runner (``python -m scripts.serving_client``, in the repository root). Then, for each workload
+of ``--workloads`` in turn:
 
 1. ``POST /flush_cache``; a warmup pass of the same shape, small and with another seed (seed +
    ``WARMUP_SEED_OFFSET``; not measured), sent straight to ``/generate`` so that one-time JIT
    compilation does not land in the measured TTFT; ``POST /flush_cache`` again;
 2. the measured run: SGLang's ``sglang.benchmark.serving`` (or, for parallel sampling,
-   ``serving_parallel.py``) with ``--seed``, every request at time 0 (the ``mixed`` workload and
+   :mod:`.serving_parallel`) with ``--seed``, every request at time 0 (the ``mixed`` workload and
    ``--request-rate``: Poisson arrivals);
 3. its row (output throughput, TTFT, ITL, end-to-end latency: median and p99; the ``packinfer:``
    lines, the fragmentation series of ``PACKINFER_FRAG_LOG_EVERY`` and any Traceback of the server
@@ -21,17 +22,19 @@ runner (``serving_client.py``). Then, for each workload of ``--workloads`` in tu
 
 The server is then stopped (SIGTERM to its process group, SIGKILL after ``--stop-grace`` seconds).
 A server that dies or never becomes healthy is reported (exit code, last log lines) and the next
-backend runs. Workloads and their sizes: ``serving_workloads.py``; ``--quick`` picks the small sizes.
+backend runs. Workloads and their sizes: :mod:`.serving_workloads`; ``--quick`` picks the small sizes.
 
-Reports (``serving_report.py``): ``<out-dir>/<report-name>.json`` (environment, exact commands,
+Reports (:mod:`.serving_report`): ``<out-dir>/<report-name>.json`` (environment, exact commands,
 rows), ``.md`` (one table per workload, each backend a row with its ratio to the best baseline),
 ``.png`` and, when rows hold a fragmentation series, ``_fragmentation.png``; logs under ``<out-dir>/logs``. Runs of separate invocations into one ``--out-dir`` merge
 (``--merge-only`` rebuilds the report alone), so a full run can be split by backend or workload;
 ``--deadline-s`` skips what would not finish in time. GPU host only; ``--dry-run`` prints the plan and
 the commands anywhere.
 
-    python scripts/make_model_dir.py --shape llama-3-8b --out out/models/llama-3-8b
-    python scripts/bench_serving.py --model-dir out/models/llama-3-8b --quick
+Run from the repository root:
+
+    python -m scripts.make_model_dir --shape llama-3-8b --out out/models/llama-3-8b
+    python -m scripts.bench_serving --model-dir out/models/llama-3-8b --quick
 """
 
 from __future__ import annotations
@@ -46,17 +49,16 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the serving_* modules beside this file
-
-import serving_procs as procs
-import serving_report as report
-import serving_workloads as wl
+from . import serving_procs as procs
+from . import serving_report as report
+from . import serving_workloads as wl
 
 PACKINFER = report.PACKINFER
 WARMUP_SEED_OFFSET = 1000
 QUICK_DEADLINE_S = 520.0  # --quick ends within 9 minutes: the GPU host's 10-minute call limit, less margin
 LOG_TAIL_LINES = 30  # log lines kept in a row when something fails
 CLIENT_ENV = {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+CLIENT_RUNNER = "scripts.serving_client"  # run as `python -m` in wl.REPO_ROOT
 VARIANTS = ("eager", "compact", "fiprefill")  # NAME:VARIANT[+VARIANT] in --backends
 PACKINFER_ONLY = ("compact", "fiprefill")
 
@@ -241,7 +243,7 @@ def run_units(args, ctx: dict, bp: BackendPlan, units: list[Unit], clock: Clock,
             ctx["skipped"] += [f"{bp.backend}/{u.name}" for u in units[i:]]
             break
         if not runner.alive():  # a client timeout stopped it
-            runner = procs.ClientRunner(ctx["runner_argv"], CLIENT_ENV, ctx["client_log"])
+            runner = procs.ClientRunner(ctx["runner_argv"], CLIENT_ENV, ctx["client_log"], wl.REPO_ROOT)
         clock.say(bp.backend, f"{unit.name} ({i + 1}/{len(units)}): {unit.workload.describe()}")
         records.append(run_unit(args, ctx, unit, bp, proc, runner))
         row = records[-1]["row"]
@@ -259,7 +261,7 @@ def run_backend(args, ctx: dict, bp: BackendPlan, units: list[Unit], clock: Cloc
     stem = args.out_dir / "logs" / bp.backend.replace(":", "-")
     ctx = {**ctx, "server_log": stem.with_name(f"server_{stem.name}.log"), "server_start_s": None,
            "client_log": stem.with_name(f"client_{stem.name}.log"),
-           "runner_argv": [args.python, str(wl.SCRIPTS / "serving_client.py")]}
+           "runner_argv": [args.python, "-m", CLIENT_RUNNER]}
     for log in (ctx["server_log"], ctx["client_log"]):
         log.unlink(missing_ok=True)
     if procs.port_in_use(bp.port):
@@ -268,7 +270,7 @@ def run_backend(args, ctx: dict, bp: BackendPlan, units: list[Unit], clock: Cloc
         return clock.say(bp.backend, f"port {bp.port} busy: skipped")
     clock.say(bp.backend, f"starting server: {shlex.join(bp.server_argv)}")
     proc = procs.start_process(bp.server_argv, bp.server_env, ctx["server_log"])
-    runner = procs.ClientRunner(ctx["runner_argv"], CLIENT_ENV, ctx["client_log"])
+    runner = procs.ClientRunner(ctx["runner_argv"], CLIENT_ENV, ctx["client_log"], wl.REPO_ROOT)
     records, log_before_stop = [], ""
     try:
         state, waited = procs.wait_for_health(proc, bp.port, args.server_timeout, bp.backend)
@@ -303,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Command-line flags of this script."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, default=None,
-                   help="model directory from make_model_dir.py (required unless --merge-only)")
+                   help="model directory from scripts.make_model_dir (required unless --merge-only)")
     p.add_argument("--shape", default=None,
                    help="(re)write --model-dir with this shape preset first (llama-3-8b, qwen2.5-7b, tiny)")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (default: <model-dir>/tokenizer)")
@@ -320,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", "--workload", dest="workloads", default="all",
                    help=f"comma-separated workloads, or all ({', '.join(wl.ALL_WORKLOADS)});"
                    f" also known: {', '.join(sorted(set(wl.PRESETS) - set(wl.ALL_WORKLOADS)))}")
-    p.add_argument("--quick", action="store_true", help="the quick sizes of the workloads (serving_workloads.py)")
+    p.add_argument("--quick", action="store_true", help="the quick sizes of the workloads (scripts.serving_workloads)")
     for field in wl.SIZE_FIELDS:
         p.add_argument("--" + field.replace("_", "-"), type=int, default=None,
                        help=f"override {field} (tokens or counts) of every selected workload whose kind uses it")
@@ -360,13 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def prepare_model_dir(args: argparse.Namespace) -> Path:
     """Write the model directory if ``--shape`` is given; returns the tokenizer folder."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
     from packinfer_sglang.model_dirs import make_model_dir, tokenizer_dir
 
     if args.shape:
         make_model_dir(args.shape, args.model_dir)
     if not args.dry_run and not (args.model_dir / "config.json").exists():
-        raise SystemExit(f"{args.model_dir}/config.json missing: run scripts/make_model_dir.py or pass --shape")
+        raise SystemExit(f"{args.model_dir}/config.json missing: run python -m scripts.make_model_dir or pass --shape")
     return (args.tokenizer or tokenizer_dir(args.model_dir)).resolve()
 
 

@@ -1,6 +1,6 @@
 """Baselines of the kernel benchmark, each bound to a case's inputs as an :class:`Impl`.
 
-Every builder takes a :class:`kernel_cases.CaseInputs` on a GPU, does its once-per-step work
+Every builder takes a :class:`.kernel_cases.CaseInputs` on a GPU, does its once-per-step work
 (planning, metadata, gathers: untimed) and returns the timed call. A builder raises :class:`Skipped`
 where the baseline does not apply and anything else where it fails; the driver records either.
 

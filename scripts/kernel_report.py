@@ -15,8 +15,8 @@ import math
 import sys
 from pathlib import Path
 
-from kernel_baselines import BASELINE_BUILDERS
-from kernel_cases import floor_from
+from .kernel_baselines import BASELINE_BUILDERS
+from .kernel_cases import floor_from
 
 BASELINES = tuple(BASELINE_BUILDERS)
 IMPLS = ("ours", *BASELINES)
@@ -248,10 +248,10 @@ def write_outputs(out_dir: Path, stem: str, meta: dict, rows: list[dict], plot: 
 
 def main(argv: list[str] | None = None) -> int:
     """Rewrites result JSONs and their .md and .png with :func:`raise_floor_to_achieved` applied (for
-    JSONs written before the rule)."""
+    JSONs written before the rule): ``python -m scripts.kernel_report FILE.json ...``."""
     import argparse
     p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("json", nargs="+", type=Path, help="kernel_<gpu>_<mode>.json files of bench_kernel.py")
+    p.add_argument("json", nargs="+", type=Path, help="kernel_<gpu>_<mode>.json files of scripts.bench_kernel")
     for path in p.parse_args(argv).json:
         data = json.loads(path.read_text())
         moved = raise_floor_to_achieved(data["meta"], data["rows"])

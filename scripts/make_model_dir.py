@@ -1,6 +1,6 @@
 """Write a weightless model directory (config + word-level tokenizer) for ``--load-format dummy``.
 
-    python scripts/make_model_dir.py --shape llama-3-8b --out out/models/llama-3-8b
+    python -m scripts.make_model_dir --shape llama-3-8b --out out/models/llama-3-8b
 
 Serve it with ``--model-path out/models/llama-3-8b --tokenizer-path out/models/llama-3-8b/tokenizer
 --load-format dummy``; ``packinfer_sglang.model_dirs`` explains the layout.
@@ -9,10 +9,7 @@ Serve it with ``--model-path out/models/llama-3-8b --tokenizer-path out/models/l
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from packinfer_sglang.model_dirs import SHAPES, config_dict, make_model_dir, tokenizer_dir
 

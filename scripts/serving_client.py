@@ -1,14 +1,15 @@
 """Client runner: runs benchmark client jobs one after another in one process.
 
 Importing ``sglang.benchmark.serving`` takes seconds; a serving run of five workloads per backend
-would pay it ten times with one process per run. The driver (``bench_serving.py``) starts this
-runner once per server and sends it jobs, one JSON line each on stdin::
+would pay it ten times with one process per run. The driver (:mod:`.bench_serving`) starts this
+runner (``python -m scripts.serving_client``, from the repository root) once per server and sends
+it jobs, one JSON line each on stdin::
 
     {"id": 3, "client": "sglang", "argv": ["--backend", "sglang", "--port", "30000", ...]}
 
 ``client`` "sglang" runs ``python -m sglang.benchmark.serving <argv>`` in this process (its
 ``cli_main``, which parses ``argv`` with the stock parser), "parallel" runs
-``scripts/serving_parallel.py <argv>``. After each job one JSON line goes back on stdout:
+``python -m scripts.serving_parallel <argv>`` (:mod:`.serving_parallel`), both in this process. After each job one JSON line goes back on stdout:
 ``{"id": 3, "ok": true, "error": null}`` (``ok`` false with the exception when the client raised or
 exited non-zero). Everything the clients print goes to stderr, which the driver sends to the client
 log. EOF on stdin ends the runner.
@@ -20,9 +21,6 @@ import json
 import os
 import sys
 import traceback
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # serving_parallel beside this file
 
 
 def run_job(job: dict) -> str | None:
@@ -34,7 +32,7 @@ def run_job(job: dict) -> str | None:
             sys.argv = ["sglang.benchmark.serving", *job["argv"]]
             serving.cli_main()
         elif job["client"] == "parallel":
-            import serving_parallel
+            from . import serving_parallel
 
             serving_parallel.main(job["argv"])
         else:

@@ -13,7 +13,7 @@ client's result keys to ``--output-file``.
 Prompts: ``gen_prompt`` of the stock client (random token ids decoded by the tokenizer) after
 ``random.seed(--seed)``.
 
-    python scripts/serving_parallel.py --port 30000 --tokenizer out/models/llama-3-8b/tokenizer \\
+    python -m scripts.serving_parallel --port 30000 --tokenizer out/models/llama-3-8b/tokenizer \\
         --num-prompts 16 --n 16 --prompt-len 4096 --output-len 512 --output-file out/ps.jsonl
 """
 

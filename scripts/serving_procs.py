@@ -72,13 +72,14 @@ def port_in_use(port: int) -> bool:
 
 
 def start_process(argv: list[str], env: dict[str, str], log_path: Path, stdin=None,
-                  stdout=None) -> subprocess.Popen:
-    """Start ``argv`` in a new process group (pgid == pid) with ``env`` added to ours; stderr (and
-    stdout unless ``stdout`` is given, e.g. ``subprocess.PIPE``) appended to ``log_path``."""
+                  stdout=None, cwd: Path | None = None) -> subprocess.Popen:
+    """Start ``argv`` in a new process group (pgid == pid) with ``env`` added to ours, in ``cwd``
+    (default: ours); stderr (and stdout unless ``stdout`` is given, e.g. ``subprocess.PIPE``) appended
+    to ``log_path``."""
     with open(log_path, "a") as log:
         return subprocess.Popen(argv, stdin=stdin, stdout=log if stdout is None else stdout,
                                 stderr=subprocess.STDOUT if stdout is None else log,
-                                env={**os.environ, **env}, start_new_session=True)
+                                env={**os.environ, **env}, cwd=cwd, start_new_session=True)
 
 
 def group_members(pgid: int) -> list[int]:
@@ -167,11 +168,12 @@ def send_all(port: int, bodies: list[dict], timeout_s: float) -> list[tuple[int,
 
 
 class ClientRunner:
-    """``serving_client.py`` in its own process group: one JSON job line in, one reply line out."""
+    """The client runner (``python -m scripts.serving_client``, started in ``cwd``: the repository
+    root) in its own process group: one JSON job line in, one reply line out."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path):
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path, cwd: Path | None = None):
         self.log_path, self.next_id = log_path, 0
-        self.proc = start_process(argv, env, log_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.proc = start_process(argv, env, log_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=cwd)
 
     def run(self, job: dict, timeout_s: float) -> tuple[str, str | None]:
         """Run ``job`` ({"client", "argv"}); returns ("ok", None), ("client_failed", error) or

@@ -30,7 +30,7 @@ WORKLOAD_ORDER = ("anchors", "prefill-heavy", "multi-level", "parallel-sampling"
 # (series key stem, label) of the fragmentation plot's panels: mean and max over the logged batch.
 FRAGMENTATION_PANELS = (("prefix_runs", "runs per shared group's prefix"), ("suffix_runs", "runs per request's suffix"))
 
-# Keys of the JSON line sglang.benchmark.serving (and serving_parallel.py) appends to --output-file;
+# Keys of the JSON line sglang.benchmark.serving (and scripts.serving_parallel) appends to --output-file;
 # times in milliseconds, throughputs in tokens (or requests) per second, duration in seconds.
 RESULT_KEYS = (
     "completed", "duration", "total_input_tokens", "total_output_tokens", "request_throughput",

@@ -11,7 +11,7 @@ shared-prefix      group's system prompt (``system_prompt_len``) + own question 
 multi-level        one system prompt shared by all (``system_prompt_len``) +     ``custom`` (a JSONL file
                    the group's few-shot block (``fewshot_len``) + own question   this module writes)
                    (``question_len``): a radix tree of depth 2
-parallel-sampling  the group's prompt (``system_prompt_len``), sampled           ``serving_parallel.py``
+parallel-sampling  the group's prompt (``system_prompt_len``), sampled           ``serving_parallel``
                    ``prompts_per_group`` times by one request with               (/generate streams one
                    ``sampling_params.n`` = ``prompts_per_group``                 request per prompt)
 no-sharing         its own random prompt of ``question_len * U(range_ratio, 1)``  ``random-ids``
@@ -63,7 +63,8 @@ USED_FIELDS = {
     "mixed": {"num_groups", "prompts_per_group", "system_prompt_len", "question_len", "output_len", "range_ratio",
               "request_rate"},
 }
-SCRIPTS = Path(__file__).resolve().parent
+REPO_ROOT = Path(__file__).resolve().parents[1]  # where `python -m scripts.<tool>` runs
+PARALLEL_CLIENT = "scripts.serving_parallel"  # module of the parallel-sampling client
 # Rough H100 rates for the printed plan only (Llama-3-8B shape): prefill of distinct prompt tokens,
 # one decode step at up to a few hundred requests, and fixed costs per workload (warmup, flushes,
 # the stock client's 1 s pause).
@@ -275,7 +276,7 @@ def client_job(w: Workload, *, model_dir: Path, tokenizer: Path, port: int, seed
                dataset_file: Path | None = None, extra_args: list[str] = ()) -> dict:
     """The measured client run for ``w``: ``{"client": "sglang" | "parallel", "argv": [...]}``, the
     arguments of ``python -m sglang.benchmark.serving`` (at ``w.request_rate``) or of
-    ``scripts/serving_parallel.py``. ``dataset_file``: multi-level only."""
+    ``python -m scripts.serving_parallel``. ``dataset_file``: multi-level only."""
     if w.kind == "parallel-sampling":
         argv = ["--host", HOST, "--port", str(port), "--tokenizer", str(tokenizer),
                 "--num-prompts", str(w.num_groups), "--n", str(w.prompts_per_group),
@@ -311,9 +312,10 @@ def client_job(w: Workload, *, model_dir: Path, tokenizer: Path, port: int, seed
 
 
 def job_command(python: str, job: dict) -> list[str]:
-    """The standalone command equivalent to ``job`` (the driver runs it inside serving_client.py)."""
-    head = ["-m", "sglang.benchmark.serving"] if job["client"] == "sglang" else [str(SCRIPTS / "serving_parallel.py")]
-    return [python, *head, *job["argv"]]
+    """The standalone command equivalent to ``job`` (the driver runs it inside the client runner,
+    ``scripts.serving_client``); the parallel-sampling client's runs from :data:`REPO_ROOT`."""
+    module = "sglang.benchmark.serving" if job["client"] == "sglang" else PARALLEL_CLIENT
+    return [python, "-m", module, *job["argv"]]
 
 
 def dataset_cache_files(w: Workload, seed: int, home: Path | None = None) -> list[Path]:

@@ -1,13 +1,12 @@
-#!/usr/bin/env python3
 """Steady decode rates (and the packinfer backend's logged counters: host plan time, verified
 layer-steps, compaction moves) of committed serving runs, from their server-log excerpts (CPU only).
 
 An excerpt file holds one ``## <backend>`` (or ``### <backend>``) section of SGLang server-log
-lines per backend; each section is read with :func:`serving_report.steady_decode` and paired with
+lines per backend; each section is read with :func:`.serving_report.steady_decode` and paired with
 the GPU and versions of the run's JSON.
 
-    python scripts/steady_decode.py benchmarks/results/serving_anchors_h100.json \\
-        benchmarks/results/serving_h100_log_excerpts.txt --out benchmarks/results/x.json
+    python -m scripts.steady_decode benchmarks/results/archive/serving_anchors_h100.json \\
+        benchmarks/results/archive/serving_h100_log_excerpts.txt --out out/steady.json
 """
 
 from __future__ import annotations
@@ -18,8 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serving_report as report
+from . import serving_report as report
 
 
 def sections(text: str) -> dict[str, str]:

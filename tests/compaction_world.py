@@ -22,12 +22,12 @@ from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
-from packinfer_sglang.compaction import Relocator
-from packinfer_sglang.compaction_plan import CostModel
+from packinfer_sglang.compaction.integrity import check_pool_integrity
+from packinfer_sglang.compaction.placement import Placer, group_rows
+from packinfer_sglang.compaction.plan import CostModel
+from packinfer_sglang.compaction.relocate import Relocator
 from packinfer_sglang.config import PackInferConfig
-from packinfer_sglang.placement import Placer, group_rows
-from packinfer_sglang.pool_integrity import check_pool_integrity
-from packinfer_sglang.radix_cache import PackInferRadixCache
+from packinfer_sglang.serving.radix_cache import PackInferRadixCache
 
 LAYERS, KV_HEADS, HEAD_DIM, DTYPE = 2, 2, 8, torch.float16
 _MOD = (1 << 61) - 1
@@ -161,7 +161,7 @@ class World:
 
     def plan_inputs(self, reqs):
         """Groups and expected remaining steps for a placement refresh."""
-        groups = self.cache.decode_groups(reqs, [r.kv.kv_allocated_len + 1 for r in reqs])
+        groups = self.cache.runtime.decode_groups(reqs, [r.kv.kv_allocated_len + 1 for r in reqs])
         remaining = np.array([min(max(r.max_new - len(r.output_ids), 0), self.horizon) for r in reqs])
         return group_rows(groups), remaining
 
@@ -194,7 +194,7 @@ class World:
         if not self.running:
             return None
         lens = [r.kv.kv_allocated_len + 1 for r in self.running]
-        groups = self.cache.decode_groups(self.running, lens)
+        groups = self.cache.runtime.decode_groups(self.running, lens)
         before = self.request_kv()
         remaining = [max(r.max_new - len(r.output_ids), 0) for r in self.running]
         avoid = self.placer.reserved_pages() if self.placer is not None else None

@@ -12,7 +12,16 @@ if not HAS_CUDA:
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative L2 error vs the fp32 oracle
 
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+gpu = pytest.mark.gpu  # needs a CUDA device: skipped without one (pytest_collection_modifyitems)
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

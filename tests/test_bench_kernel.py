@@ -1,24 +1,18 @@
-"""CPU tests of the kernel benchmark (scripts/bench_kernel.py, kernel_cases.py, kernel_baselines.py,
-kernel_report.py): case generation, floor formulas, inputs, the FA2 baselines' index and merge logic
-(with a torch stand-in for FlashAttention), tables, JSON, and ours vs the oracle in the interpreter."""
+"""CPU tests of the kernel benchmark (scripts.bench_kernel, scripts.kernel_cases,
+scripts.kernel_baselines, scripts.kernel_report): case generation, floor formulas, inputs, the FA2
+baselines' index and merge logic (with a torch stand-in for FlashAttention), tables, JSON, and ours vs
+the oracle in the interpreter."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import HAS_CUDA
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-_spec = importlib.util.spec_from_file_location("bench_kernel", SCRIPTS / "bench_kernel.py")
-bk = importlib.util.module_from_spec(_spec)
-sys.modules["bench_kernel"] = bk  # dataclasses look their module up
-_spec.loader.exec_module(bk)  # puts scripts/ on sys.path for its kernel_* modules
-import kernel_baselines as kb
-import kernel_cases as kc
-import kernel_report as kr
+from scripts import bench_kernel as bk
+from scripts import kernel_baselines as kb
+from scripts import kernel_cases as kc
+from scripts import kernel_report as kr
 
 # ANCHORS.md, "Decode attention, one layer": (B, P, S) -> floor µs at 4.24 TB/s and 687 TFLOP/s.
 ANCHOR_FLOORS = {(64, 4096, 256): 20.0, (16, 2048, 512): 9.9, (128, 1024, 128): 17.3,

@@ -1,4 +1,4 @@
-"""CPU tests of the serving benchmark (scripts/bench_serving.py and its serving_* modules): workloads
+"""CPU tests of the serving benchmark (scripts.bench_serving and its serving_* modules): workloads
 and the commands and datasets they produce (checked with SGLang's own client parser and loaders),
 result parsing, row-file merge and tables; the parallel-sampling client against a fake streaming
 server; the driver end to end against a fake ``python`` that imitates the SGLang server and the
@@ -23,15 +23,14 @@ from typing import ClassVar
 import pytest
 
 from packinfer_sglang.model_dirs import SHAPES, make_model_dir, tokenizer_dir
+from scripts import bench_serving as bench
+from scripts import serving_parallel, steady_decode
+from scripts import serving_procs as procs
+from scripts import serving_report as report
+from scripts import serving_workloads as wl
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-sys.path.insert(0, str(SCRIPTS))
-
-import bench_serving as bench
-import serving_parallel
-import serving_procs as procs
-import serving_report as report
-import serving_workloads as wl
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+RUNNER_ARGV = [sys.executable, "-m", bench.CLIENT_RUNNER]  # the client runner, started in wl.REPO_ROOT
 
 W = wl.Workload
 TINY_VOCAB = SHAPES["tiny"].vocab_size
@@ -224,7 +223,7 @@ def test_parallel_job_parsed_by_its_client(tmp_path):
     args = serving_parallel.build_parser().parse_args(job["argv"])
     assert (job["client"], args.num_prompts, args.n, args.prompt_len, args.output_len, args.seed) == (
         "parallel", 3, 5, 37, 9, 7)
-    assert wl.job_command("py", job)[1].endswith("scripts/serving_parallel.py")
+    assert wl.job_command("py", job) == ["py", "-m", "scripts.serving_parallel", *job["argv"]]
 
 
 def test_multilevel_dataset_read_by_sglang_custom_loader(tiny, tmp_path):
@@ -532,12 +531,12 @@ def test_parallel_client_against_streaming_server(tiny, tmp_path, streaming_serv
 
 
 def test_runner_runs_every_workload_with_the_real_clients(tiny, tmp_path, streaming_server):
-    """One serving_client.py process runs the stock client (three datasets) and ours in turn."""
+    """One client runner process (scripts.serving_client) runs the stock client (three datasets) and
+    ours in turn."""
     from sglang.benchmark.utils import get_tokenizer
 
     tok = tokenizer_dir(tiny)
-    runner = procs.ClientRunner([sys.executable, str(SCRIPTS / "serving_client.py")], bench.CLIENT_ENV,
-                                tmp_path / "client.log")
+    runner = procs.ClientRunner(RUNNER_ARGV, bench.CLIENT_ENV, tmp_path / "client.log", wl.REPO_ROOT)
     try:
         for name in wl.ALL_WORKLOADS:
             w = wl.resolve_workload(name, "quick", SMALL)
@@ -576,7 +575,7 @@ def test_sample_tracker_spreads_multi_token_chunks():
 
 def test_client_runner_protocol(tmp_path):
     log = tmp_path / "client.log"
-    runner = procs.ClientRunner([sys.executable, str(SCRIPTS / "serving_client.py")], {}, log)
+    runner = procs.ClientRunner(RUNNER_ARGV, {}, log, wl.REPO_ROOT)
     try:
         assert runner.run({"client": "nope", "argv": []}, 30) == ("client_failed", "unknown client 'nope'")
         status, error = runner.run({"client": "parallel", "argv": ["--bogus"]}, 30)  # argparse exits 2
@@ -620,7 +619,7 @@ def test_clock_deadline():
 # ---------------------------------------------------------------------------------------------
 
 FAKE_PYTHON = '''#!{python}
-"""Imitates `python -m sglang.launch_server` and `python scripts/serving_client.py`."""
+"""Imitates `python -m sglang.launch_server` and `python -m scripts.serving_client` (run in the repository root)."""
 import http.server, json, os, sys, threading, urllib.request
 
 argv = sys.argv[1:]
@@ -702,7 +701,9 @@ def client():
 
 if argv[:2] == ["-m", "sglang.launch_server"]:
     serve()
-elif argv[0].endswith("serving_client.py"):
+elif argv[:2] == ["-m", "scripts.serving_client"]:
+    if not os.path.isfile(os.path.join("scripts", "serving_client.py")):  # run as a module of the checkout
+        sys.exit(f"fake python: client runner started outside the repository root, in {{os.getcwd()}}")
     client()
 else:
     sys.exit(f"fake python: unexpected {{argv}}")
@@ -798,11 +799,8 @@ def test_steady_decode_median_at_full_batch_skips_the_ramp_line():
 
 
 def test_steady_decode_script_reads_committed_excerpts(tmp_path):
-    import steady_decode
-
-    root = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-    out = tmp_path / "s.json"
-    steady_decode.main([str(root / "serving_anchors_h100.json"), str(root / "serving_h100_log_excerpts.txt"),
+    archive, out = RESULTS / "archive", tmp_path / "s.json"
+    steady_decode.main([str(archive / "serving_anchors_h100.json"), str(archive / "serving_h100_log_excerpts.txt"),
                         "--out", str(out)])
     rows = {r["backend"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"triton", "packinfer-eager", "flashinfer"}
@@ -825,11 +823,8 @@ def test_packinfer_counters_from_its_log_lines():
 
 
 def test_counters_of_a_merged_report_keep_each_backends_environment(tmp_path):
-    import steady_decode
-
-    root = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-    out = tmp_path / "c.json"
-    steady_decode.main([str(root / "serving_full_h100.json"), str(root / "serving_full_h100_log_excerpts.txt"),
+    archive, out = RESULTS / "archive", tmp_path / "c.json"
+    steady_decode.main([str(archive / "serving_full_h100.json"), str(archive / "serving_full_h100_log_excerpts.txt"),
                         "--out", str(out)])
     data = json.loads(out.read_text())
     assert set(data["environment"]) == {"packinfer", "triton", "flashinfer"}

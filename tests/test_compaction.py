@@ -16,9 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from packinfer_sglang.kernels.kv_indices import item_kv_bases
 
-from packinfer_sglang.compaction import collect_layouts
-from packinfer_sglang.compaction_alloc import claim_page_ranges, claim_pages, free_page_runs
-from packinfer_sglang.compaction_plan import (
+from packinfer_sglang.compaction.alloc import claim_page_ranges, claim_pages, free_page_runs
+from packinfer_sglang.compaction.plan import (
     CostModel,
     GroupLayout,
     Owner,
@@ -26,6 +25,7 @@ from packinfer_sglang.compaction_plan import (
     gathered_tokens,
     plan_compaction,
 )
+from packinfer_sglang.compaction.relocate import collect_layouts
 
 # --- the cost rule and planner (pure) -------------------------------------------------------------
 
@@ -151,7 +151,7 @@ def _populate(w, rng, systems=3, per_system=3, system_len=40, check=True):
 def test_relocation_makes_groups_contiguous_and_keeps_kv(page_size, num_pages):
     w = World(page_size, num_pages, chunk_tokens=4096)  # every broken part counts as gathered
     _populate(w, random.Random(1))
-    groups = lambda: w.cache.decode_groups(w.running, [r.kv.kv_allocated_len + 1 for r in w.running])
+    groups = lambda: w.cache.runtime.decode_groups(w.running, [r.kv.kv_allocated_len + 1 for r in w.running])
     frag = w.relocator.measure(w.running, groups())
     plan = w.compact()
     assert plan.moves and not plan.skipped
@@ -204,7 +204,7 @@ def test_nodes_locked_outside_the_batch_stay():
     w.alloc.free(torch.cat([taken[1:600:2], taken[600:]]))
     hidden, visible = w.running[0], w.running[1:]
     path_before = [n.value.clone() for n in _nodes_of(hidden)]
-    groups = w.cache.decode_groups(visible, [r.kv.kv_allocated_len + 1 for r in visible])
+    groups = w.cache.runtime.decode_groups(visible, [r.kv.kv_allocated_len + 1 for r in visible])
     layouts = collect_layouts(visible, groups, w.rtp.req_to_token, [100] * len(visible))
     unpinned = plan_compaction(layouts.groups, free_page_runs(w.alloc), 1, w.relocator.cost, 1 << 20)
     hidden_keys = {("node", n.id) for n in _nodes_of(hidden)}

@@ -14,16 +14,28 @@ from compaction_world import World
 import packinfer_sglang.config as config_module
 from packinfer_sglang.config import PackInferConfig
 
+CONFIG = PackInferConfig(min_prefix_tokens=8, compact=True, compact_every=3, compact_min_gain=1e-9)
+
 
 @pytest.fixture
-def hook(monkeypatch):
+def hook():
     path = Path(__file__).resolve().parents[1] / "patches" / "compaction_hook.py"
     spec = importlib.util.spec_from_file_location("compaction_hook_under_test", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    cfg = PackInferConfig(min_prefix_tokens=8, compact=True, compact_every=3, compact_min_gain=1e-9)
-    monkeypatch.setattr(config_module, "get_config", lambda: cfg)
     return module
+
+
+def _world(page_size, num_pages):
+    """A CPU world whose scheduler runtime has compaction on (every 3 steps, any gain)."""
+    w = World(page_size, num_pages)
+    w.cache.runtime.config = CONFIG
+    return w
+
+
+def _state(w):
+    """The compaction hooks' state in the world's scheduler runtime."""
+    return w.cache.runtime.compaction
 
 
 def _batch(w):
@@ -34,18 +46,16 @@ def _batch(w):
 
 @pytest.mark.parametrize("page_size, num_pages", [(1, 1024), (16, 64)])
 def test_hooks_in_decode_order_keep_kv_and_free_after_the_next_forward(hook, page_size, num_pages):
-    w = World(page_size, num_pages)
+    w = _world(page_size, num_pages)
     rng = random.Random(7)
     systems = [[s + 1] + [rng.randrange(1000, 50000) for _ in range(39)] for s in range(2)]
     for i in range(6):
         w.admit(systems[i % 2] + [rng.randrange(1000, 50000) for _ in range(rng.randrange(1, 9))], 80)
         w.decode_step()
-    w.relocator = hook._state.relocator  # the world's checks count the hook's pending slots
     for step in range(9):
         batch = _batch(w)
         hook.plan_and_relocate(batch)
-        if w.relocator is None:
-            w.relocator = hook._state.relocator
+        w.relocator = _state(w).relocator  # the world's checks count the hook's pending slots
         w.check()
         inflight = w.prepare_decode()
         hook.launch_copies("forward batch", None, batch, None)
@@ -53,7 +63,7 @@ def test_hooks_in_decode_order_keep_kv_and_free_after_the_next_forward(hook, pag
         w.forward(inflight)
         w.check()
         w.check_content()
-    assert hook._state.moved_tokens > 0 and hook._state.steps == 9
+    assert _state(w).moved_tokens > 0 and _state(w).steps == 9
     hook.plan_and_relocate(_batch(w))
     assert w.relocator.pending_free_slots().numel() == 0
     w.check()
@@ -62,8 +72,7 @@ def test_hooks_in_decode_order_keep_kv_and_free_after_the_next_forward(hook, pag
 def _hooked_decode(hook, page_size, num_pages, place, steps=14):
     """The decode loop with the compaction hooks (and the placement hook BEFORE ``alloc_for_decode``
     with ``place``); checks pool integrity and oracle KV every step. Returns the world."""
-    hook._state = hook._State()
-    w = World(page_size, num_pages)
+    w = _world(page_size, num_pages)
     w.before_alloc = hook.place_decode_tokens if place else None
     rng = random.Random(8)
     systems = [[s + 1] + [rng.randrange(1000, 50000) for _ in range(39)] for s in range(2)]
@@ -72,12 +81,12 @@ def _hooked_decode(hook, page_size, num_pages, place, steps=14):
         w.decode_step()
     for _ in range(steps):
         hook.plan_and_relocate(_batch(w))
-        w.relocator = hook._state.relocator
+        w.relocator = _state(w).relocator
         w.check()
         needs_page = any(r.kv.kv_allocated_len % page_size == 0 for r in w.running)
         inflight = w.prepare_decode()
         if place and needs_page:  # a relocation's forced refresh happens at the next page allocation
-            assert not hook._state.placer._forced
+            assert not _state(w).placer._forced
         hook.launch_copies("forward batch", None, _batch(w), None)
         w.forward(inflight)
         w.check()
@@ -93,12 +102,12 @@ def test_placement_hook_before_alloc_for_decode(hook, page_size, num_pages):
     runs = {}
     for place in (False, True):
         w = _hooked_decode(hook, page_size, num_pages, place)
-        assert hook._state.moved_tokens > 0
-        groups = w.cache.decode_groups(w.running, [r.kv.kv_allocated_len + 1 for r in w.running])
+        assert _state(w).moved_tokens > 0
+        groups = w.cache.runtime.decode_groups(w.running, [r.kv.kv_allocated_len + 1 for r in w.running])
         frag = w.relocator.measure(w.running, groups)
         assert (frag.prefix_runs == 1).all()
         runs[place] = frag.suffix_runs
-    placer = hook._state.placer
+    placer = _state(w).placer
     # page size 1: every relocation is followed by a page allocation, so by a refresh
     assert placer.refreshes >= (4 if page_size == 1 else 1) and placer.offered_pages > 0
     assert runs[True].max() <= 2
@@ -118,7 +127,7 @@ def test_plugin_registers_placement_only_with_compaction(hook, monkeypatch, comp
     import packinfer_sglang.patches as patches_package
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    from packinfer_sglang import plugin
+    from packinfer_sglang.serving import plugin
 
     cfg = PackInferConfig(compact=compact, compact_place=place)
     monkeypatch.setattr(config_module, "get_config", lambda: cfg)

@@ -41,7 +41,7 @@ def _run(page_size, num_pages):
         w.decode_step()
         w.check()
         if moved:
-            groups = w.cache.decode_groups(w.running, [r.kv.kv_allocated_len + 1 for r in w.running])
+            groups = w.cache.runtime.decode_groups(w.running, [r.kv.kv_allocated_len + 1 for r in w.running])
             frag, gi = w.relocator.measure(w.running, groups), groups.group_indptr
             group_runs.append(max(int(frag.prefix_runs[g] + frag.suffix_runs[gi[g]:gi[g + 1]].sum())
                                   for g in range(groups.num_groups)))

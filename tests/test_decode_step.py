@@ -50,7 +50,7 @@ def random_kv(num_slots, num_kv_heads, head_dim, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_step_equals_flat(seed, grouped, dtype):
     cache, reqs, req_to_token, pool_rows, seq_lens, num_slots = running_batch(seed)
-    groups = cache.decode_groups(reqs, seq_lens.tolist()) if grouped else ungrouped(len(reqs))
+    groups = cache.runtime.decode_groups(reqs, seq_lens.tolist()) if grouped else ungrouped(len(reqs))
     if grouped:
         assert groups.num_groups == 3 and not groups.is_identity  # shuffled batch: rows get permuted
     num_qo_heads, num_kv_heads, head_dim = 8, 2, 64
@@ -64,18 +64,17 @@ def test_step_equals_flat(seed, grouped, dtype):
 
 
 @pytest.mark.parametrize("padding", [0, 3])
-@pytest.mark.parametrize("plain_waves", [None, 3])
-@pytest.mark.parametrize("launch", ["flat", "persistent"])
-def test_graph_buffers_replay_any_plan(padding, plain_waves, launch):
-    """One set of CUDA-graph buffers, a fixed grid (or the pair of launches with ``plain_waves``),
-    flat or persistent, batches with and without prefix items written in turn (as capture then
+@pytest.mark.parametrize("plain_programs_per_sm", [None, 3])
+def test_graph_buffers_replay_any_plan(padding, plain_programs_per_sm):
+    """One set of CUDA-graph buffers, a fixed grid (or the pair of launches with
+    ``plain_programs_per_sm``), batches with and without prefix items written in turn (as capture then
     replays would): each equals flat attention, padded rows come out zero."""
     num_qo_heads, num_kv_heads, head_dim, dtype = 8, 2, 64, torch.float16
     graph = GraphBuffers(max_bs=16, max_context_len=128, num_kv_heads=num_kv_heads, num_sms=4, device=DEVICE,
-                         plain_waves=plain_waves, launch=launch)
+                         plain_programs_per_sm=plain_programs_per_sm)
     for seed, grouped in [(4, False), (5, True), (6, False)]:
         cache, reqs, req_to_token, pool_rows, seq_lens, num_slots = running_batch(seed, num_systems=2, per_system=3)
-        groups = cache.decode_groups(reqs, seq_lens.tolist()) if grouped else ungrouped(len(reqs))
+        groups = cache.runtime.decode_groups(reqs, seq_lens.tolist()) if grouped else ungrouped(len(reqs))
         padded_bs = len(reqs) + padding
         rows = torch.cat([pool_rows, torch.zeros(padding, dtype=pool_rows.dtype)])
         k, v = random_kv(num_slots, num_kv_heads, head_dim, dtype)
@@ -83,12 +82,9 @@ def test_graph_buffers_replay_any_plan(padding, plain_waves, launch):
         step = build_decode_step(groups, seq_lens, rows.to(DEVICE), req_to_token.to(DEVICE), num_qo_heads,
                                  num_kv_heads, num_sms=4, graph=graph, padded_bs=padded_bs)
         assert step.plan.items is graph.plan.items
-        if launch == "flat":
-            assert step.plan.num_programs is None and step.plan.grid_items == graph.grid_items(padded_bs)
-            assert step.plan.num_items <= step.plan.grid_items
-            assert step.plan.plain_grid_items == (None if plain_waves is None else step.plan.grid_items)
-        else:
-            assert step.plan.num_programs == graph.num_programs and step.plan.grid_items is None
+        assert step.plan.grid_items == graph.grid_items(padded_bs)
+        assert step.plan.num_items <= step.plan.grid_items
+        assert step.plan.plain_grid_items == (None if plain_programs_per_sm is None else step.plan.grid_items)
         out = run_decode_step(step, q, k, v, head_dim ** -0.5)
         ref = flat_reference(q[: len(reqs)], k, v, req_to_token, pool_rows, seq_lens)
         assert rel_err(out[: len(reqs)], ref) < TOL[dtype]
@@ -102,7 +98,7 @@ def test_graph_plan_is_coarsened_to_capacity(monkeypatch):
     from packinfer_sglang import decode_step
     # free items and 32-token chunks (the H200's plain launch aligns to 128, longer than these
     # requests): the natural plan splits every request
-    monkeypatch.setattr(planner, "ITEM_OVERHEAD_TOKENS", 0)
+    monkeypatch.setattr(planner, "item_cost_tokens", lambda kv_len, rows: kv_len)
     monkeypatch.setattr(decode_step, "launch_config", lambda device, plain: (32, 3))
     _, reqs, req_to_token, pool_rows, seq_lens, num_slots = running_batch(6)
     graph = GraphBuffers(max_bs=len(reqs), max_context_len=128, num_kv_heads=2, num_sms=64, device=DEVICE)
@@ -120,17 +116,16 @@ def test_graph_plan_is_coarsened_to_capacity(monkeypatch):
 
 
 def test_flat_graph_plan_is_capped_at_its_grid(monkeypatch):
-    """Flat graph launches: a batch whose natural plan has more items than the grid captured for its
-    batch size gets coarser chunks that fit, and still equals flat attention; a bad launch name is
-    refused."""
+    """Graph launches: a batch whose natural plan has more items than the grid captured for its
+    batch size gets coarser chunks that fit, and still equals flat attention."""
     from packinfer_sglang.kernels import plan as planner
 
     from packinfer_sglang import decode_step
-    monkeypatch.setattr(planner, "ITEM_OVERHEAD_TOKENS", 0)
+    monkeypatch.setattr(planner, "item_cost_tokens", lambda kv_len, rows: kv_len)
     monkeypatch.setattr(decode_step, "launch_config", lambda device, plain: (32, 3))
     _, reqs, req_to_token, pool_rows, seq_lens, num_slots = running_batch(6)
     graph = GraphBuffers(max_bs=len(reqs), max_context_len=128, num_kv_heads=2, num_sms=64, device=DEVICE)
-    monkeypatch.setattr(decode_step, "FLAT_ITEMS_PER_SLOT", 0)  # the grid: 2 items per request
+    monkeypatch.setattr(decode_step, "GRID_ITEMS_PER_PROGRAM", 0)  # the grid: 2 items per request
     natural = build_decode_step(ungrouped(len(reqs)), seq_lens, pool_rows.to(DEVICE), req_to_token.to(DEVICE),
                                 8, 2, num_sms=64)
     assert natural.plan.num_items > graph.grid_items(len(reqs)) == 2 * len(reqs)
@@ -141,8 +136,6 @@ def test_flat_graph_plan_is_capped_at_its_grid(monkeypatch):
     q = torch.randn(len(reqs), 8, 64).to(torch.float16).to(DEVICE)
     out = run_decode_step(step, q, k, v, 64 ** -0.5)
     assert rel_err(out, flat_reference(q, k, v, req_to_token, pool_rows, seq_lens)) < TOL[torch.float16]
-    with pytest.raises(ValueError, match="launch"):
-        GraphBuffers(max_bs=4, max_context_len=8, num_kv_heads=2, num_sms=4, device=DEVICE, launch="tiled")
 
 
 def test_gather_kv_indices_matches_reference():
@@ -159,7 +152,7 @@ def test_gather_kv_indices_matches_reference():
 
 def test_prefix_is_read_from_one_row_per_group():
     cache, reqs, req_to_token, pool_rows, seq_lens, _ = running_batch(3)
-    groups = cache.decode_groups(reqs, seq_lens.tolist())
+    groups = cache.runtime.decode_groups(reqs, seq_lens.tolist())
     step = build_decode_step(groups, seq_lens, pool_rows.to(DEVICE), req_to_token.to(DEVICE), 8, 2, num_sms=4)
     prefix_total = int(groups.prefix_lens.sum())
     suffix_total = int(seq_lens.sum()) - int((np.diff(groups.group_indptr) * groups.prefix_lens).sum())

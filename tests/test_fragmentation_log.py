@@ -3,6 +3,7 @@ for a planted layout equal an oracle that reads ``req_to_token`` rows directly; 
 ``PACKINFER_FRAG_LOG_EVERY=0``; the plugin registers it, compaction on or off. The module is loaded
 from this checkout's ``patches/`` by path, as in ``test_compaction_hook.py``."""
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -17,9 +18,7 @@ from compaction_world import World
 
 import packinfer_sglang.config as config_module
 from packinfer_sglang.config import PackInferConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import serving_report as report
+from scripts import serving_report as report
 
 
 def _load(name: str):
@@ -36,8 +35,15 @@ def frag_log():
 
 
 def _use_config(monkeypatch, **fields):
+    """The process's settings (what the plugin reads at registration)."""
     cfg = PackInferConfig(**fields)
     monkeypatch.setattr(config_module, "get_config", lambda: cfg)
+
+
+def _use_runtime_config(monkeypatch, w: World, **fields):
+    """The settings of ``w``'s scheduler runtime (what the hook reads), its cache's thresholds kept."""
+    runtime = w.cache.runtime
+    monkeypatch.setattr(runtime, "config", dataclasses.replace(runtime.config, **fields))
 
 
 def _planted_world(page_size: int, num_pages: int) -> World:
@@ -65,7 +71,7 @@ def _runs(slots) -> int:
 def _oracle(w: World) -> dict:
     """Runs from the requests' rows: a group's prefix is its first member's first ``prefix_lens``
     slots, each member's suffix the rest; a request alone is all suffix."""
-    groups = w.cache.decode_groups(w.running, [r.kv.kv_allocated_len + 1 for r in w.running])
+    groups = w.cache.runtime.decode_groups(w.running, [r.kv.kv_allocated_len + 1 for r in w.running])
     rows = [w.rtp.req_to_token[r.req_pool_idx, :r.kv.kv_allocated_len].numpy() for r in w.running]
     prefix, suffix, tokens = [], [], 0  # tokens: a shared prefix once
     for g in range(groups.num_groups):
@@ -88,12 +94,12 @@ def _lines(caplog) -> list[str]:
 @pytest.mark.parametrize("page_size, num_pages", [(1, 1024), (16, 64)])
 def test_logs_the_planted_layout_every_n_steps(frag_log, monkeypatch, caplog, page_size, num_pages):
     w = _planted_world(page_size, num_pages)
-    _use_config(monkeypatch, frag_log_every=2)
+    _use_runtime_config(monkeypatch, w, frag_log_every=2)
     caplog.set_level(logging.INFO)
     for _ in range(5):
         frag_log.log_fragmentation(SimpleNamespace(reqs=list(w.running), tree_cache=w.cache))
     lines = _lines(caplog)
-    assert w.cache._groups_key is None  # the cache's group memo is left alone
+    assert w.cache.runtime._groups_key is None  # the runtime's group memo is left alone
     assert [int(line.split()[3].rstrip(":")) for line in lines] == [2, 4]
     logged = json.loads(lines[0].split(": ", 2)[2])
     expected = _oracle(w)
@@ -109,21 +115,20 @@ def test_logs_the_planted_layout_every_n_steps(frag_log, monkeypatch, caplog, pa
 
 
 def test_off_or_without_the_packinfer_cache_does_nothing(frag_log, monkeypatch, caplog):
-    from packinfer_sglang import compaction, radix_cache
+    from packinfer_sglang.compaction import relocate
 
     def fail(*args, **kwargs):
         raise AssertionError("measured")
 
     w = _planted_world(1, 1024)
-    monkeypatch.setattr(compaction, "measure_fragmentation", fail)
+    monkeypatch.setattr(relocate, "measure_fragmentation", fail)
     caplog.set_level(logging.INFO)
-    _use_config(monkeypatch, frag_log_every=0)
+    _use_runtime_config(monkeypatch, w, frag_log_every=0)
     for _ in range(3):
         frag_log.log_fragmentation(SimpleNamespace(reqs=list(w.running), tree_cache=w.cache))
-    _use_config(monkeypatch, frag_log_every=1)
-    monkeypatch.setattr(radix_cache, "_current", None)
-    frag_log.log_fragmentation(SimpleNamespace(reqs=list(w.running), tree_cache=object()))
-    assert frag_log._state.steps == 0 and _lines(caplog) == []
+    _use_runtime_config(monkeypatch, w, frag_log_every=1)
+    frag_log.log_fragmentation(SimpleNamespace(reqs=list(w.running), tree_cache=object()))  # no runtime
+    assert w.cache.runtime.decode_batches == 0 and _lines(caplog) == []
 
 
 @pytest.mark.parametrize("compact, every", [(False, 0), (False, 50), (True, 0), (True, 50)])
@@ -131,7 +136,7 @@ def test_plugin_registers_the_log_with_compaction_on_or_off(monkeypatch, compact
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     from packinfer_sglang import patches as patches_package
-    from packinfer_sglang import plugin
+    from packinfer_sglang.serving import plugin
 
     hooks = {name: _load(name) for name in ("fragmentation_log", "compaction_hook")}
     for name, module in hooks.items():  # this checkout's modules

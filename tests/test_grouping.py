@@ -1,6 +1,7 @@
 """Decode grouping on SGLang's real RadixCache: valid partitions, truly shared slots, best cut."""
 
 import random
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -38,7 +39,7 @@ def test_system_prompts_form_one_group_each():
     rng = random.Random(0)
     cache = new_cache(min_prefix_tokens=16)
     reqs, _ = admit(cache, shared_prefix_prompts(rng, 3, 5, 40, 7), rng)
-    groups = cache.decode_groups(reqs, [len(r.tokens) + 1 for r in reqs])
+    groups = cache.runtime.decode_groups(reqs, [len(r.tokens) + 1 for r in reqs])
     got = sorted(groups_as_sets(groups, reqs), key=lambda g: min(g[0]))
     want = sorted(({r.rid for r in reqs if r.tokens[0] == s}, 40) for s in (1, 2, 3))
     assert sorted(got, key=lambda g: sorted(g[0])) == sorted(want, key=lambda g: sorted(g[0]))
@@ -49,7 +50,7 @@ def test_short_prefixes_stay_ungrouped():
     rng = random.Random(1)
     cache = new_cache(min_prefix_tokens=64)
     reqs, _ = admit(cache, shared_prefix_prompts(rng, 2, 4, 40, 7), rng)
-    groups = cache.decode_groups(reqs, [len(r.tokens) + 1 for r in reqs])
+    groups = cache.runtime.decode_groups(reqs, [len(r.tokens) + 1 for r in reqs])
     assert groups.num_groups == len(reqs) and (groups.prefix_lens == 0).all()
 
 
@@ -61,7 +62,7 @@ def test_prefers_wider_group_when_it_saves_more():
     prompts = [base + [b] * 100 + [rng.randrange(1000, 50000) for _ in range(5)] for b in (7, 8) for _ in range(3)]
     cache = new_cache(min_prefix_tokens=16)
     reqs, _ = admit(cache, prompts, rng)
-    groups = cache.decode_groups(reqs, [len(r.tokens) + 1 for r in reqs])
+    groups = cache.runtime.decode_groups(reqs, [len(r.tokens) + 1 for r in reqs])
     assert groups.num_groups == 1 and groups.prefix_lens.tolist() == [900]
     assert groups.shared_token_reads_saved == 4500
 
@@ -84,9 +85,9 @@ def test_cache_recomputes_when_batch_changes():
     cache = new_cache(min_prefix_tokens=16)
     reqs, _ = admit(cache, shared_prefix_prompts(rng, 2, 3, 40, 5), rng)
     lens = [len(r.tokens) + 1 for r in reqs]
-    first = cache.decode_groups(reqs, lens)
-    assert cache.decode_groups(reqs, lens) is first
-    assert len(cache.decode_groups(reqs[:-1], lens[:-1]).order) == len(reqs) - 1
+    first = cache.runtime.decode_groups(reqs, lens)
+    assert cache.runtime.decode_groups(reqs, lens) is first
+    assert len(cache.runtime.decode_groups(reqs[:-1], lens[:-1]).order) == len(reqs) - 1
 
 
 @settings(max_examples=40, deadline=None)
@@ -98,7 +99,7 @@ def test_random_workloads_give_valid_groups(num_systems, per_system, system_len,
     prompts = shared_prefix_prompts(rng, num_systems, per_system, max(system_len, 1), question_len)
     prompts += [p[: rng.randrange(1, len(p) + 1)] for p in rng.sample(prompts, k=min(3, len(prompts)))]
     reqs, _ = admit(cache, prompts, rng)
-    groups = cache.decode_groups(reqs, [len(r.tokens) + 1 for r in reqs])
+    groups = cache.runtime.decode_groups(reqs, [len(r.tokens) + 1 for r in reqs])
     check_valid(groups, reqs, min_prefix)
     cache.check_integrity()
     # Never worse than grouping each system prompt's requests at the system prompt alone.
@@ -130,10 +131,10 @@ def test_cache_recomputes_when_nodes_move():
     nodes = [r.last_node for r in reqs]
     for r in reqs:
         r.last_node = cache.root_node
-    assert cache.decode_groups(reqs, lens).num_groups == 3
+    assert cache.runtime.decode_groups(reqs, lens).num_groups == 3
     for r, n in zip(reqs, nodes):
         r.last_node = n
-    assert cache.decode_groups(reqs, lens).num_groups == 1
+    assert cache.runtime.decode_groups(reqs, lens).num_groups == 1
 
 
 def test_offered_groups_are_taken_once_and_only_for_matching_lengths():
@@ -143,9 +144,42 @@ def test_offered_groups_are_taken_once_and_only_for_matching_lengths():
     cache = new_cache(min_prefix_tokens=16)
     reqs, _ = admit(cache, shared_prefix_prompts(rng, 2, 3, 40, 5), rng)
     lens = torch.tensor([len(r.tokens) + 1 for r in reqs])
-    groups = cache.decode_groups(reqs, lens.tolist())
-    cache.offer_decode_groups(lens, groups)
-    assert cache.take_decode_groups(lens + 1) is None  # another batch: not taken, and offer dropped
-    cache.offer_decode_groups(lens, groups)
-    assert cache.take_decode_groups(lens.clone()) is groups
-    assert cache.take_decode_groups(lens) is None  # once
+    batch = SimpleNamespace(reqs=reqs, seq_lens_cpu=lens)
+    runtime = cache.runtime
+    runtime.offer_step(batch, len(reqs))
+    groups = runtime.decode_groups(reqs, lens)
+    assert runtime.take_step(lens + 1) is None  # another batch: not taken, and offer dropped
+    runtime.offer_step(batch, len(reqs))
+    assert runtime.take_step(lens.clone()) is groups
+    assert runtime.take_step(lens) is None  # once
+    runtime.offer_step(batch, len(reqs) + 1)  # a forward batch of another size: nothing offered
+    assert runtime.take_step(lens) is None
+
+
+def test_scheduler_hooks_and_backend_see_one_cost_gate(monkeypatch):
+    """The batch-order hook (BEFORE ``prepare_for_decode``) and the forward-batch hook (AFTER
+    ``ForwardBatch.init_new``) group a batch through the scheduler's one runtime, so the backend's
+    step gets the cost gate however the hooks ran: pairs sharing 300 tokens pay at GQA 4 but not at
+    GQA 64 (one request per prefix tile). Before the runtime, the reorder hook grouped without the
+    gate first and the backend's lookup reused that ungated grouping (the memo ignored the gate)."""
+    import torch
+    from packinfer_sglang.kernels.cost_model import PackingCost
+    from packinfer_sglang.patches import batch_order, forward_batch
+
+    permutations = []
+    monkeypatch.setattr(batch_order, "permute_batch", lambda batch, order: permutations.append(order))
+    for cost, num_groups in ((PackingCost(32, 8, 128), 2), (PackingCost(64, 1, 128), 4)):
+        rng = random.Random(8)
+        cache = new_cache(min_prefix_tokens=16)
+        cache.runtime.cost = cost
+        reqs, _ = admit(cache, shared_prefix_prompts(rng, 2, 2, 400, 5), rng)
+        lens = torch.tensor([len(r.tokens) + 1 for r in reqs])
+        batch = SimpleNamespace(reqs=list(reqs), seq_lens_cpu=lens, tree_cache=cache, spec_info=None,
+                                sampling_info=None, multimodal_inputs=None,
+                                model_config=SimpleNamespace(is_encoder_decoder=False),
+                                forward_mode=SimpleNamespace(is_decode=lambda: True))
+        batch_order.group_adjacent(batch)
+        forward_batch.attach_decode_groups(SimpleNamespace(batch_size=len(reqs)), None, batch, None)
+        offered = cache.runtime.take_step(lens)
+        assert offered is not None and offered.num_groups == num_groups
+    assert len(permutations) == 1  # grouped rows made adjacent under the GQA-4 gate only

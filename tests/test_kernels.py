@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import DEVICE, HAS_CUDA, TOL, gpu, rel_err
-from packinfer_sglang.kernels import packed_cascade_attention, plan_packed_cascade, run_packed_cascade
-from packinfer_sglang.kernels.packed_cascade import (
+from packinfer_sglang.kernels import launch, packed_cascade_attention, plan_packed_cascade, run_packed_cascade
+from packinfer_sglang.kernels.launch import (
     BLOCK_N,
     NUM_STAGES,
     PLAIN_LAUNCH_BY_GPU,
@@ -109,19 +109,21 @@ def test_gpu_many_groups_odd_lengths():
     check(make_batch(sizes, prefix, suffix, 32, 8, 128, torch.bfloat16), torch.bfloat16)
 
 
-@pytest.mark.parametrize("persistent", [False, True], ids=["flat", "persistent"])
-def test_plain_decode_with_h200_launch(persistent):
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_plain_decode_with_h200_launch(graph, monkeypatch):
     """Plain decode (no prefix items) with the H200's plain-decode launch (128-token blocks, 2
-    stages; :data:`PLAIN_LAUNCH_BY_GPU`), chunks aligned to it, suffixes of odd lengths."""
+    stages; :data:`PLAIN_LAUNCH_BY_GPU`), chunks aligned to it, suffixes of odd lengths; eager and
+    on a CUDA graph's fixed grid with spare programs."""
     block_n, stages = PLAIN_LAUNCH_BY_GPU["H200"]
+    monkeypatch.setattr(launch, "plain_launch", lambda device: (block_n, stages))
     args = make_batch([1] * 5, [0] * 5, [1, 129, 300, 127, 517], 8, 2, 64, torch.float16)
     q, k, v = args[:3]
     plan = plan_packed_cascade(*args[3:], 8, 2, kv_align=block_n, suffix_chunk=256)
     assert not plan.has_prefix and plan.num_partials > 5
-    if persistent:
-        plan = plan._replace(num_programs=3)
+    if graph:
+        plan = plan._replace(grid_items=plan.num_items + 3, plain_grid_items=plan.num_items + 3, has_prefix=True)
     out = torch.full_like(q, float("nan"))
-    run_packed_cascade(q, k, v, plan, 64 ** -0.5, out, block_n=block_n, num_stages=stages)
+    run_packed_cascade(q, k, v, plan, 64 ** -0.5, out)
     assert rel_err(out, packed_cascade_attention_ref(*args, 64 ** -0.5)[0]) < TOL[torch.float16]
 
 
@@ -150,41 +152,27 @@ def test_launch_config_and_plan_alignment_follow_the_gpu():
         assert ((suffix_items[:, 2] - starts) % launch_config(dev, plain)[0] == 0).all()
 
 
-def check_launch(args, dtype, launch, repeats=1, after_each=lambda: None, chunks=(64, 64), **launch_opts):
-    """Runs ``args`` planned with ``(prefix_chunk, suffix_chunk)`` through ``run_packed_cascade`` with
-    ``launch_opts`` as a ``launch`` ("flat", "persistent": 3 programs per head, "graph_pair": 3 + 2 in
-    the graphs' pair of launches), ``repeats`` times; every output row must match the oracle."""
-    q, k, v = args[:3]
-    num_qo_heads, num_kv_heads = q.shape[1], k.shape[1]
-    plan = plan_packed_cascade(*args[3:], num_qo_heads, num_kv_heads, prefix_chunk=chunks[0], suffix_chunk=chunks[1])
-    if launch == "persistent":
-        plan = plan._replace(num_programs=3)
-    elif launch == "graph_pair":
-        plan = plan._replace(num_programs=3, plain_num_programs=2, has_prefix=True)
-    ref = packed_cascade_attention_ref(*args, q.shape[-1] ** -0.5)[0]
-    for _ in range(repeats):
-        out = torch.full_like(q, float("nan"))
-        run_packed_cascade(q, k, v, plan, q.shape[-1] ** -0.5, out, **launch_opts)
-        assert torch.isfinite(out).all() and rel_err(out, ref) < TOL[dtype]
-        after_each()
-
-
-@pytest.mark.parametrize("launch", ["flat", "persistent"])
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
 @pytest.mark.parametrize("structure", list(STRUCTURES))
-def test_gather_prefetch_equals_flat(launch, structure):
-    """The slot-prefetch experiment (index-list chunks read their next block's slot ids a block
-    ahead) on every structure, chunks of 1 to 3 whole blocks, tails and empty whole-block ranges."""
+def test_slot_prefetch_chunks_equal_flat(graph, structure):
+    """Index-list chunks read their next block's slot ids a block ahead: every structure, chunks of
+    1 to 3 whole blocks, tails and empty whole-block ranges, eager and on a graph's fixed grid."""
     for dtype, heads, chunk in ((torch.float16, (8, 2), 64), (torch.bfloat16, (7, 1), 192)):
-        args = make_batch(*STRUCTURES[structure], *heads, 64, dtype)
-        check_launch(args, dtype, launch, chunks=(chunk, chunk), gather_prefetch=True)
+        q, k, v, *rest = args = make_batch(*STRUCTURES[structure], *heads, 64, dtype)
+        plan = plan_packed_cascade(*rest, q.shape[1], k.shape[1], prefix_chunk=chunk, suffix_chunk=chunk)
+        if graph:
+            plan = plan._replace(grid_items=plan.num_items + 2)
+        out = torch.full_like(q, float("nan"))
+        run_packed_cascade(q, k, v, plan, q.shape[-1] ** -0.5, out)
+        ref = packed_cascade_attention_ref(*args, q.shape[-1] ** -0.5)[0]
+        assert torch.isfinite(out).all() and rel_err(out, ref) < TOL[dtype]
 
 
 @pytest.mark.parametrize("structure", ["mixed", "singletons", "big_group"])
 @pytest.mark.parametrize("extra", [0, 1, 13])
 @pytest.mark.parametrize("pair", [False, True])
 def test_fixed_flat_grid_equals_flat(structure, extra, pair):
-    """Static plans launched flat (``grid_items``, the CUDA graphs' default): programs past the plan's
-    units exit and write nothing; with the pair (``plain_grid_items``) the launch whose tiles do not
+    """Graph plans (``grid_items``): programs past the plan's units exit and write nothing; with the pair (``plain_grid_items``) the launch whose tiles do not
     match the plan finds nothing to do."""
     args = make_batch(*STRUCTURES[structure], 8, 2, 64, torch.float16)
     plan = plan_packed_cascade(*args[3:], 8, 2, prefix_chunk=64, suffix_chunk=64)

@@ -1,13 +1,13 @@
 """The contiguous fast path (issue 5): items whose KV chunk is one run of consecutive slots are read
 by base + offset. ``item_kv_bases`` == its oracle, and the kernel with bases == flat attention on
-scattered, contiguous and mixed layouts, eager and persistent (CUDA-graph buffers)."""
+scattered, contiguous and mixed layouts, eager and on CUDA-graph buffers."""
 
 import pytest
 import torch
 from conftest import DEVICE, TOL, gpu, rel_err
 from packinfer_sglang.kernels import plan_packed_cascade, plan_work, run_packed_cascade
 from packinfer_sglang.kernels.kv_indices import item_kv_bases
-from packinfer_sglang.kernels.packed_cascade import StaticPlanBuffers
+from packinfer_sglang.kernels.plan_tensors import PlanBuffers
 from packinfer_sglang.kernels.reference import item_kv_bases_ref, packed_cascade_attention_ref
 from test_decode_step import flat_reference, random_kv, running_batch
 
@@ -112,12 +112,12 @@ def test_kernel_with_bases_equals_flat(batch, layout, heads):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "mixed"])
-@pytest.mark.parametrize("plain_programs", [None, 3])
-def test_static_buffers_with_bases(layout, plain_programs):
-    """Persistent launches over CUDA-graph buffers (the ROLE pair with ``plain_programs``), plans
-    with and without prefix items in turn, bases recomputed by every write."""
+@pytest.mark.parametrize("pair", [False, True])
+def test_plan_buffers_with_bases(layout, pair):
+    """Graph launches over CUDA-graph buffers (the ROLE pair with ``pair``), plans with and without
+    prefix items in turn, bases recomputed by every write."""
     heads, dtype, sm_scale = (8, 2), torch.bfloat16, 64 ** -0.5
-    buffers = StaticPlanBuffers(max_tokens=12, max_items=256, max_kv_tokens=2048, device=torch.device(DEVICE))
+    buffers = PlanBuffers(max_tokens=12, max_items=256, max_kv_tokens=2048, device=torch.device(DEVICE))
     for name in ["groups", "plain", "groups"]:
         args = make_layout(*BATCHES[name], *heads, 64, dtype, layout, seed=len(name))
         gi, pi, _, si, _ = args[3:]
@@ -125,7 +125,7 @@ def test_static_buffers_with_bases(layout, plain_programs):
                          prefix_block_m=64, num_sms=4, prefix_chunk=64, suffix_chunk=64)
         kv = torch.cat([args[5], args[7]])
         buffers.kv_indices[: kv.numel()].copy_(kv)
-        plan = buffers.write(work, 4, num_programs=5, num_partials=200, plain_num_programs=plain_programs,
+        plan = buffers.write(work, 4, num_partials=200, grid_items=200, plain_grid_items=200 if pair else None,
                              num_kv_tokens=kv.numel())
         assert plan.kv_base is buffers.kv_base
         want = item_kv_bases_ref(kv.cpu(), plan.items[: plan.num_items, 2].cpu(), plan.items[: plan.num_items, 3].cpu())
@@ -158,9 +158,9 @@ def test_decode_step_with_bases(grouped):
     req_to_token, with the bases its oracle gives (a group's system prompt is one run of slots)."""
     num_qo_heads, num_kv_heads, head_dim, dtype = 8, 2, 64, torch.float16
     graph = GraphBuffers(max_bs=16, max_context_len=128, num_kv_heads=num_kv_heads, num_sms=4, device=DEVICE,
-                         plain_waves=3)
+                         plain_programs_per_sm=3)
     cache, reqs, req_to_token, pool_rows, seq_lens, num_slots = running_batch(7, num_systems=2, per_system=3)
-    groups = cache.decode_groups(reqs, seq_lens.tolist()) if grouped else ungrouped(len(reqs))
+    groups = cache.runtime.decode_groups(reqs, seq_lens.tolist()) if grouped else ungrouped(len(reqs))
     k, v = random_kv(num_slots, num_kv_heads, head_dim, dtype)
     ref = None
     for use_graph in (False, True):

@@ -15,7 +15,7 @@ from compaction_world import World
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from packinfer_sglang.placement import order_free_pages, plan_reservations
+from packinfer_sglang.compaction.placement import order_free_pages, plan_reservations
 
 # --- the free-list reorder ------------------------------------------------------------------------
 
@@ -121,7 +121,7 @@ def _interleaved_groups(w, rng, steps):
             assert all(torch.equal(a, b[: len(a)]) for a, b in zip(kv, after[rid])), f"{rid}: KV changed"
         w.check()
         w.check_content()
-    groups = w.cache.decode_groups(w.running, [r.kv.kv_allocated_len + 1 for r in w.running])
+    groups = w.cache.runtime.decode_groups(w.running, [r.kv.kv_allocated_len + 1 for r in w.running])
     frag = w.relocator.measure(w.running, groups)
     gi = groups.group_indptr
     per_group = [int(frag.prefix_runs[g] + frag.suffix_runs[gi[g]:gi[g + 1]].sum())

@@ -8,12 +8,12 @@ from sglang.srt.mem_cache.registry import registered_radix_cache_backends
 from sglang.srt.plugins.hook_registry import HookRegistry
 from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES
 
-from packinfer_sglang import plugin
+from packinfer_sglang.serving import plugin
 
 
 def test_entry_point_is_installed():
     eps = {ep.name: ep.value for ep in entry_points(group="sglang.srt.plugins")}
-    assert eps.get("packinfer") == "packinfer_sglang.plugin:register"
+    assert eps.get("packinfer") == "packinfer_sglang.serving.plugin:register"
 
 
 def test_register_is_idempotent_and_complete():

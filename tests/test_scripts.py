@@ -1,9 +1,9 @@
-"""CPU tests of scripts/make_model_dir.py and packinfer_sglang.model_dirs (the serving benchmark's
-tests are in test_bench_serving.py)."""
+"""CPU tests of scripts.make_model_dir and packinfer_sglang.model_dirs (the serving benchmark's
+tests are in test_bench_serving.py), of the lab tools in scripts.lab, and of the layout of the
+``scripts`` package itself."""
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import sys
 from pathlib import Path
@@ -19,19 +19,9 @@ from packinfer_sglang.model_dirs import (
     make_model_dir,
     tokenizer_dir,
 )
+from scripts import make_model_dir as make_script
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-make_script = _load_script("make_model_dir")
 
 
 @pytest.fixture(scope="module")
@@ -127,18 +117,38 @@ def test_every_flag_has_help():
             assert action.help, f"{action.option_strings} has no help"
 
 
+PRODUCT_TOOLS = {"bench_kernel", "kernel_cases", "kernel_baselines", "kernel_report", "bench_serving",
+                 "serving_workloads", "serving_procs", "serving_report", "serving_client", "serving_parallel",
+                 "steady_decode", "make_model_dir"}
+LAB_TOOLS = {"profile_ncu", "profile_host_step", "kernel_resources", "bench_compaction"}
+
+
+def test_every_tool_imports_as_part_of_the_scripts_package():
+    """Issue 18: the product's tools are modules of ``scripts``, the lab's of ``scripts.lab``, each
+    importable by its package name alone (relative imports between them); the concluded A/B and
+    sweep tools are gone."""
+    import importlib
+
+    for package, names in (("scripts", PRODUCT_TOOLS), ("scripts.lab", LAB_TOOLS)):
+        folder = REPO.joinpath(*package.split("."))
+        assert {p.stem for p in folder.glob("*.py")} == names | {"__init__"}
+        assert importlib.import_module(package).__doc__
+        for name in sorted(names):
+            module = importlib.import_module(f"{package}.{name}")
+            assert module.__doc__, f"{package}.{name} has no docstring"
+
+
 def test_bench_compaction_table_and_cpu_refusal():
-    """The report of ``bench_compaction.py`` from rows of both studies; without a GPU it exits with
-    a usage error instead of a traceback."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    bc = _load_script("bench_compaction")
+    """The report of ``scripts.lab.bench_compaction`` from rows of both studies; without a GPU it
+    exits with a usage error instead of a traceback."""
+    from scripts.lab import bench_compaction as bc
     meta = {"gpu": "g", "torch": "t", "triton": "tr", "sglang": "s", "date": "d", "copy_shape": "32 layers"}
-    kernel = [{"case": "B1", "layout": "contiguous", "kv_base": b, "persistent": p, "items": 4, "us": 2.0,
-               "fast_items": 3, "bases_us": 1.5} for b in (False, True) for p in (False, True)]
+    kernel = [{"case": "B1", "layout": "contiguous", "kv_base": b, "items": 4, "us": 2.0, "fast_items": 3,
+               "bases_us": 1.5} for b in (False, True)]
     kernel[1]["us"] = None
     copy = [{"tokens": 256, "us": 10.0, "ns_per_token": 39.1, "bytes": 1, "gb_s": 900.0}]
     text = bc.markdown(meta, kernel, copy)
-    assert "| B1 | contiguous | 2.0 | fail | 2.0 | 2.0 | 3/4 | 1.5 |" in text and "| 256 | 10.0 | 39.1 | 900 |" in text
+    assert "| B1 | contiguous | 2.0 | fail | 3/4 | 1.5 |" in text and "| 256 | 10.0 | 39.1 | 900 |" in text
     if not bc.torch.cuda.is_available():
         with pytest.raises(SystemExit) as e:
             bc.main(["--out-dir", "/nonexistent"])
@@ -146,30 +156,31 @@ def test_bench_compaction_table_and_cpu_refusal():
 
 
 def test_kernel_resources_compiles_for_hopper_without_a_gpu():
-    """scripts/kernel_resources.py: the packed kernel compiled for sm_90 by Triton's bundled ptxas
-    (in a process without the interpreter). On the H200, kernel_occupancy measured 2 programs per
-    SM for the default launch and 3 for the eager plain-decode tiles (16 rows, 64-token blocks, 3
-    stages; session 7's server log); the offline counts must agree."""
+    """``python -m scripts.lab.kernel_resources``: the packed kernel compiled for sm_90 by Triton's
+    bundled ptxas (in a process without the interpreter). On the H200, kernel_occupancy measured 2
+    programs per SM for the default launch and 3 for the eager plain-decode tiles (16 rows, 64-token
+    blocks, 3 stages; session 7's server log); the offline counts must agree."""
     import os
     import subprocess
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(REPO / "scripts" / "kernel_resources.py"), "--variants", "", "pbm=16",
-                          "guard=1,role=1"], env=env, capture_output=True, text=True, timeout=600, check=False)
+    run = subprocess.run([sys.executable, "-m", "scripts.lab.kernel_resources", "--variants", "", "pbm=16",
+                          "guard=1,role=1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+                         check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:6]]
             for line in run.stdout.splitlines() if line.startswith("| ") and "variant" not in line}
     assert rows["default"][3] == "2" and rows["pbm=16"][3] == "3"
     assert rows["guard=1,role=1"][3] == "2"  # the graphs' flat launch: as the eager one
-    kr = _load_script("kernel_resources")
+    from scripts.lab import kernel_resources as kr
     assert kr.parse_variant("pbm=16, stages=3") == {"pbm": 16, "stages": 3}
     with pytest.raises(SystemExit, match="unknown"):
         kr.parse_variant("tiles=3")
 
 
 def test_profile_ncu_reads_the_raw_page(tmp_path):
-    """scripts/profile_ncu.py: ncu's raw CSV (messages and the child's output around it, a units
+    """``scripts.lab.profile_ncu``: ncu's raw CSV (messages and the child's output around it, a units
     row) is read by metric name, times and bytes converted by their units, stall reasons sorted."""
-    pn = _load_script("profile_ncu")
+    from scripts.lab import profile_ncu as pn
     raw = tmp_path / "raw.csv"
     raw.write_text('==PROF== Connected to process 1\nB64_P4096_S32: 96 items, 576 partials\n'
                    '"ID","Kernel Name","gpu__time_duration.sum","dram__bytes_read.sum","lts__t_sectors_srcunit_tex_op_read.sum",'
@@ -186,21 +197,21 @@ def test_profile_ncu_reads_the_raw_page(tmp_path):
 
 
 def test_flat_graph_grid_holds_every_grid_case_unsplit_by_the_cap():
-    """The flat CUDA-graph grid (``flat_grid_items``) holds the natural plan of every case of the
+    """The flat CUDA-graph grid (``graph_grid_items``) holds the natural plan of every case of the
     kernel grid on an H200-sized GPU (132 SMs, 2 programs each), so graphs never coarsen those
     plans; the docstring's "about half" is checked too."""
     import numpy as np
     from packinfer_sglang.kernels.plan import plan_work
 
-    from packinfer_sglang.decode_step import flat_grid_items
-    kc = _load_script("kernel_cases")
+    from packinfer_sglang.decode_step import graph_grid_items
+    from scripts import kernel_cases as kc
     indptr = lambda lens: np.concatenate([[0], np.cumsum(lens)])
     worst = 0.0
     for case in kc.full_grid():
         plain = sum(case.prefix_lens) == 0
         work = plan_work(indptr(case.group_sizes), indptr(case.prefix_lens), indptr(case.suffix_lens),
                          gqa_group_size=case.num_qo_heads // case.num_kv_heads, num_kv_heads=case.num_kv_heads,
-                         prefix_block_m=64, num_sms=132, waves=2, kv_align=128 if plain else 64)
+                         prefix_block_m=64, num_sms=132, programs_per_sm=2, kv_align=128 if plain else 64)
         items = len(work.prefix_items) + len(work.suffix_items)
-        worst = max(worst, items / flat_grid_items(case.batch_size, 132, 2, case.num_kv_heads))
+        worst = max(worst, items / graph_grid_items(case.batch_size, 132, 2, case.num_kv_heads))
     assert worst <= 0.55, worst

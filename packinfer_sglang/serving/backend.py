@@ -61,6 +61,7 @@ class PackInferAttnBackend(TritonAttnBackend):
         self._graph_layers: set[int] = set()  # layers whose errors the captured graphs write
         self._graph_fallback = False  # a captured layer ran Triton's decode (needs its metadata)
         self._host_us = 0.0  # host time of decode metadata, summed over steps
+        self._replays = self._replays_gpu_busy = 0  # graph steps; those planned while the GPU still ran
         if torch.device(self.device).type == "cuda":
             self._warm_up()
 
@@ -121,6 +122,10 @@ class PackInferAttnBackend(TritonAttnBackend):
         start = time.perf_counter()
         mode = forward_batch.forward_mode
         packed = self._graph is not None and mode.is_decode() and forward_batch.spec_info is None
+        mark = None
+        if packed and not in_capture and self.config.log_every:  # is the GPU still on earlier work?
+            mark = torch.cuda.Event()
+            mark.record()
         if not packed or in_capture or self._graph_fallback or self.config.verify:
             # Triton's buffers: read by fallback layers and verification only (layers seen at capture)
             super().init_forward_metadata_out_graph(forward_batch, in_capture)
@@ -145,6 +150,9 @@ class PackInferAttnBackend(TritonAttnBackend):
             self._errs_pending = not in_capture
         if not in_capture:
             self._host_us += (time.perf_counter() - start) * 1e6
+            if mark is not None:
+                self._replays += 1
+                self._replays_gpu_busy += not mark.query()
             self._log_step(raw_bs)
 
     def _occupancy(self, plain: bool) -> int:
@@ -239,11 +247,13 @@ class PackInferAttnBackend(TritonAttnBackend):
         if every and self._num_steps % every == 0:
             g = self._step.groups
             verified = f", verified {self._checked} layer-steps, max rel err {self._max_err:.2e}" if self.config.verify else ""
+            hidden = (f", GPU busy through {100 * self._replays_gpu_busy / self._replays:.0f}% of graph-step plans"
+                      if self._replays else "")
             logger.info("packinfer: decode step %d, batch %d, %s%d groups (largest %d), prefix tokens saved %d, "
-                        "host plan %.0f us/step%s",
+                        "host plan %.0f us/step%s%s",
                         self._num_steps, batch_size, "" if self._grouped_by_tree else "no tree groups: ", g.num_groups,
                         int(max(1, (g.group_indptr[1:] - g.group_indptr[:-1]).max())),
-                        g.shared_token_reads_saved, self._host_us / self._num_steps, verified)
+                        g.shared_token_reads_saved, self._host_us / self._num_steps, hidden, verified)
 
 
 _MAX_LAYERS = 1024  # entries of the verification error buffer, indexed by layer_id
@@ -280,8 +290,19 @@ def unsupported_reason(model_runner) -> str | None:
 
 
 def create_packinfer_backend(model_runner):
-    """Factory for ``register_attention_backend``: the packed backend, or SGLang's Triton backend
-    with a one-line warning for models it does not support yet."""
+    """Factory for ``register_attention_backend``: packed decode, composed with a prefill backend.
+
+    Returns SGLang's ``HybridAttnBackend`` with :class:`PackInferAttnBackend` for decode and SGLang's
+    FlashInfer backend for extend and mixed batches (``PACKINFER_PREFILL_BACKEND``: ``auto`` or
+    ``flashinfer``); or :class:`PackInferAttnBackend` alone, whose extend is SGLang's Triton kernel
+    (``triton``, FlashInfer not importable under ``auto``, or a prefill backend chosen with
+    ``--prefill-attention-backend``, which SGLang composes itself). Models packed decode does not
+    support get SGLang's Triton backend, with a one-line warning.
+
+    Raises:
+        RuntimeError: ``PACKINFER_PREFILL_BACKEND=flashinfer`` and SGLang's FlashInfer backend
+            cannot be built here.
+    """
     reason = unsupported_reason(model_runner)
     if reason:
         logger.warning("packinfer attention backend: %s; using SGLang's triton backend", reason)
@@ -290,4 +311,28 @@ def create_packinfer_backend(model_runner):
     if getattr(backend, "_translate_kv_loc", None) is not None or backend.dcp_size > 1:
         logger.warning("packinfer attention backend: unified/DCP KV pools are not supported; using triton")
         return TritonAttnBackend(model_runner)
-    return backend
+    prefill = _prefill_backend(model_runner, backend.config.prefill_backend)
+    if prefill is None:
+        return backend
+    from sglang.srt.layers.attention.hybrid_attn_backend import HybridAttnBackend
+
+    logger.info("packinfer: decode packed, extend and mixed batches on SGLang's %s backend", type(prefill).__name__)
+    return HybridAttnBackend(model_runner, prefill_backend=prefill, decode_backend=backend)
+
+
+def _prefill_backend(model_runner, choice: str):
+    """The backend for extend and mixed batches, or ``None`` for the packinfer backend's own
+    (SGLang's Triton extend)."""
+    prefill, _ = model_runner.server_args.get_attention_backends()
+    if prefill != "packinfer" or choice == "triton":  # SGLang composes an explicit --prefill-attention-backend
+        return None
+    try:
+        from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+
+        return FlashInferAttnBackend(model_runner)
+    except Exception as e:
+        if choice == "flashinfer":
+            raise RuntimeError(f"PACKINFER_PREFILL_BACKEND=flashinfer, but SGLang's FlashInfer backend cannot be "
+                               f"built: {e}") from e
+        logger.warning("packinfer: FlashInfer unavailable for extend (%s); extend runs SGLang's triton kernels", e)
+        return None

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Registers, spills and shared memory of the packed kernel's launch variants, compiled for a GPU
 architecture without that GPU (Triton's bundled ptxas; no device needed).
 
@@ -7,8 +6,8 @@ Each variant is compiled as the JIT would on the device (pointers and strides 16
 from the registers and shared memory (Hopper: 64K registers, 227 KB shared memory per
 multiprocessor), which is what ``kernel_occupancy`` measures on a GPU.
 
-    python scripts/kernel_resources.py --arch 90
-    python scripts/kernel_resources.py --arch 90 --variants "guard=1,role=1" "block_n=128,stages=2"
+    python -m scripts.lab.kernel_resources --arch 90
+    python -m scripts.lab.kernel_resources --arch 90 --variants "guard=1,role=1" "block_n=128,stages=2"
 """
 
 from __future__ import annotations
@@ -28,32 +27,37 @@ from triton.backends.compiler import GPUTarget
 POINTERS = {"Q": "*bf16", "K_Buffer": "*bf16", "V_Buffer": "*bf16", "Out": "*bf16", "O_Partial": "*fp32",
             "LSE_Partial": "*fp32", "LSE_Out": "*fp32", "KV_Indices": "*i32", "KV_Base": "*i32", "Items": "*i32",
             "Counts": "*i32", "Merge_Indptr": "*i32"}
-# the default launch (slot ids prefetched, 64-row prefix tiles), the H200's plain-decode launch, the
-# CUDA graphs' flat launches (guard: programs past the plan's units exit), the eager plain tiles
-# elsewhere, then the launches without the prefetch and the experiments
-DEFAULT_VARIANTS = ("", "persistent=1", "block_n=128,stages=2,pbm=16", "block_n=128,stages=2,pbm=16,persistent=1",
-                    "guard=1", "guard=1,block_n=128,stages=2,pbm=16",
-                    "pbm=16", "prefetch=0", "prefetch=0,persistent=1", "prefetch=0,block_n=128,stages=2,pbm=16",
-                    "prefetch=0,pbm=16",
-                    "stages=2", "block_n=32,maxnreg=168", "pbm=128,warps=8", "kv_base=1")
+# the default eager launch (64-row prefix tiles), the H200's plain-decode launch, the CUDA graphs'
+# pair of launches (guard: programs past the plan's units exit; role 1 prefix tiles, role 2 the
+# plain-decode ones), the eager plain-decode tiles on other GPUs, and the contiguous-slot path
+DEFAULT_VARIANTS = ("", "block_n=128,stages=2,pbm=16", "guard=1,role=1", "guard=1,role=2,block_n=128,stages=2,pbm=16",
+                    "pbm=16", "kv_base=1")
 REGS_PER_SM, SMEM_PER_SM, SMEM_RESERVED = 65536, 227 * 1024, 1024
 
 
-def compile_variant(arch: int, *, gqa=4, kv_heads=8, head_dim=128, pbm=64, block_n=64, stages=3, warps=4,
-                    persistent=0, kv_base=0, maxnreg=0, prefetch=None, guard=0, role=0) -> dict:
+def compile_variant(arch: int, *, gqa=4, kv_heads=8, head_dim=128, pbm=None, block_n=None, stages=None,
+                    warps=None, kv_base=0, maxnreg=0, guard=0, role=0) -> dict:
     """Compiles one variant; returns its resources and the programs per multiprocessor they allow.
-    ``prefetch`` None: ``run_packed_cascade``'s default ``gather_prefetch``."""
+    ``None``: the launcher's choice for the prefix launch (``PREFIX_BLOCK_M``, ``BLOCK_N``,
+    ``NUM_STAGES`` of :mod:`packinfer_sglang.kernels.launch`; warps by ``num_warps_for(pbm,
+    head_dim)``); ``pbm`` is the tile height the launch compiles as ``PREFIX_BLOCK_M`` (the suffix
+    height for plain decode); ``maxnreg`` a register cap (a compile option, 0: none)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise SystemExit("kernel_resources.py compiles for the GPU: unset TRITON_INTERPRET")
-    from packinfer_sglang.kernels import packed_cascade as pc
-    fn = pc._packed_attn_partial_kernel
-    if prefetch is None:
-        prefetch = inspect.signature(pc.run_packed_cascade).parameters["gather_prefetch"].default
+        raise SystemExit("scripts.lab.kernel_resources compiles for the GPU: unset TRITON_INTERPRET")
+    from packinfer_sglang.kernels import launch
+    from packinfer_sglang.kernels.cascade_kernel import _packed_attn_partial_kernel as fn
+    pbm = launch.PREFIX_BLOCK_M if pbm is None else pbm
+    block_n = launch.BLOCK_N if block_n is None else block_n
+    stages = launch.NUM_STAGES if stages is None else stages
+    warps = launch.num_warps_for(pbm, head_dim) if warps is None else warps
     names = list(inspect.signature(fn.fn).parameters)
     const = {"GQA": gqa, "NUM_KV_HEADS": kv_heads, "HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim),
-             "PREFIX_BLOCK_M": pbm, "SUFFIX_BLOCK_M": pc.suffix_block_m_for(gqa), "BLOCK_N": block_n,
-             "DOT_FP32": False, "PERSISTENT": bool(persistent), "STORE_LSE": False, "ROLE": role,
-             "HAS_KV_BASE": bool(kv_base), "GATHER_PREFETCH": bool(prefetch), "GUARD_UNITS": bool(guard)}
+             "PREFIX_BLOCK_M": pbm, "SUFFIX_BLOCK_M": launch.suffix_block_m_for(gqa), "BLOCK_N": block_n,
+             "DOT_FP32": False, "STORE_LSE": False, "ROLE": role, "HAS_KV_BASE": bool(kv_base),
+             "GUARD_UNITS": bool(guard)}
+    differ = sorted({p.name for p in fn.params if p.is_constexpr} ^ set(const))
+    if differ:
+        raise SystemExit(f"constexprs {differ} differ from the kernel's: update scripts.lab.kernel_resources")
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "sm_scale_log2" else "i32")
            for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in POINTERS or n.startswith("stride")}
@@ -91,10 +95,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: Hopper)")
     p.add_argument("--variants", nargs="*", default=list(DEFAULT_VARIANTS),
-                   help="key=value lists (gqa, kv_heads, head_dim, pbm, block_n, stages, warps, persistent, "
-                        "kv_base, maxnreg: a register cap, 0 none; prefetch: slot ids a block ahead, on by default; "
-                        "guard: flat programs past the plan's units exit; role: the kernel's ROLE); empty: the "
-                        "default launch")
+                   help="key=value lists (gqa, kv_heads, head_dim, pbm, block_n, stages, warps, kv_base, "
+                        "maxnreg: a register cap, 0 none; guard: programs past the plan's units exit; role: the "
+                        "kernel's ROLE); empty: the default launch")
     p.add_argument("--out", type=Path, help="also write this JSON (and its .md): the rows, Triton's version")
     args = p.parse_args(argv)
     lines = [f"| variant (sm_{args.arch}) | registers | stack B | shared KB | programs/SM |", "|---|---:|---:|---:|---:|"]

@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """Hardware counters of our partial kernel on a few grid cases, read by Nsight Compute (GPU only).
 
-For each case this runs ``ncu`` on a child of this script (``--run-case``), which plans the case
-as ``bench_kernel.py`` does (flat launch; ``:persistent`` after a case name: the decode graphs'
-persistent launch) and calls ``run_packed_cascade`` a few times; ncu profiles one call of
+For each case this runs ``ncu`` on a child of this module (``--run-case``), which plans the case
+as :mod:`scripts.bench_kernel` does (the eager launch: one program per item and KV head) and calls
+``run_packed_cascade`` a few times; ncu profiles one call of
 ``_packed_attn_partial_kernel`` after the JIT warmup with ``--set detailed`` and the warp-state
 section, clocks left alone (``--clock-control none``, as the device notes ask). The merge launch is
 not profiled. Writes, under ``--out-dir``: ``ncu_<case>.csv`` (ncu's raw page, every metric
@@ -12,7 +11,7 @@ tensor-pipe and issue utilization, L2 and DRAM throughput, the L2 hit rate and t
 reasons (warps stalled per issued instruction). ``--summarize-only`` rebuilds the JSON and table
 from the CSVs already in ``--out-dir``.
 
-    python scripts/profile_ncu.py --cases B64_P4096_S32,B64_P4096_S256 --out-dir out/ncu
+    python -m scripts.lab.profile_ncu --cases B64_P4096_S32,B64_P4096_S256 --out-dir out/ncu
 """
 
 from __future__ import annotations
@@ -26,11 +25,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from .. import bench_kernel as bk
+from .. import kernel_cases as kc
 
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the ncu child runs as `python -m` from here
 KERNEL = "_packed_attn_partial_kernel"
-CASES = ("B64_P4096_S32,B64_P4096_S256,B64_P4096_S256:persistent,B64_P16384_S256,B64_P4096_S256_qwen2.5-7b,"
-         "B64_P4096_S256_llama3-70b-tp8,B64_P0_S4096")
+CASES = ("B64_P4096_S32,B64_P4096_S256,B64_P16384_S256,B64_P4096_S256_qwen2.5-7b,B64_P4096_S256_llama3-70b-tp8,"
+         "B64_P0_S4096")
 CALLS, SKIP = 6, 3  # calls of the kernel per child; ncu skips the first SKIP (JIT and warm caches)
 # (column of the report, ncu raw metric); the stall metrics are added from whatever ncu reports
 METRICS = (
@@ -50,29 +51,23 @@ METRICS = (
 STALL_PREFIX, STALL_SUFFIX = "smsp__average_warps_issue_stalled_", "_per_issue_active.ratio"
 
 
-def run_case(spec: str) -> None:
-    """The ncu child: plan ``spec`` (case name, optionally ``:persistent``) and launch it ``CALLS`` times."""
-    import bench_kernel as bk
-    import kernel_cases as kc
+def run_case(name: str) -> None:
+    """The ncu child: plan the full-grid case ``name`` and launch it ``CALLS`` times."""
     import torch
-    name, _, mode = spec.partition(":")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: under TRITON_INTERPRET=1
     kern = bk.import_kernels()
-    from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of, persistent_programs
-    inp = kc.make_inputs({c.name: c for c in kc.full_grid()}[name], dev)
+    cases = {c.name: c for c in kc.full_grid()}
+    if name not in cases:
+        raise SystemExit(f"unknown case {name!r}: not in the full grid of scripts.kernel_cases")
+    inp = kc.make_inputs(cases[name], dev)
     hq, hkv, d = inp.q.shape[1], inp.k_buffer.shape[1], inp.q.shape[2]
     plan = kern.plan_packed_cascade(*inp[3:8], hq, hkv, head_dim=d, dtype=inp.k_buffer.dtype)
-    if mode == "persistent":
-        occ = kernel_occupancy(dev, inp.k_buffer.dtype, d, hq // hkv, persistent=True)
-        plan = plan._replace(num_programs=persistent_programs(num_sms_of(dev), occ, hkv))
-    elif mode:
-        raise SystemExit(f"unknown mode {mode!r} in {spec!r} (only :persistent)")
     out = torch.empty_like(inp.q)
     for _ in range(CALLS):
         kern.run_packed_cascade(inp.q, inp.k_buffer, inp.v_buffer, plan, inp.sm_scale, out)
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    print(f"{spec}: {plan.num_items} items, {plan.num_partials} partials", flush=True)
+    print(f"{name}: {plan.num_items} items, {plan.num_partials} partials", flush=True)
 
 
 UNIT_SCALE = {"ns": 1e-3, "us": 1.0, "ms": 1e3, "s": 1e6,  # to microseconds (ncu 2025 writes "ns")
@@ -117,9 +112,9 @@ def summarize(spec: str, raw: dict[str, tuple[str, str]]) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", default=CASES, help="comma-separated full-grid case names, each optionally :persistent")
-    p.add_argument("--out-dir", type=Path, default=Path("out/ncu"))
-    p.add_argument("--ncu", default=shutil.which("ncu") or "/usr/local/cuda/bin/ncu")
+    p.add_argument("--cases", default=CASES, help="comma-separated full-grid case names")
+    p.add_argument("--out-dir", type=Path, default=Path("out/ncu"), help="where the CSVs and the report go")
+    p.add_argument("--ncu", default=shutil.which("ncu") or "/usr/local/cuda/bin/ncu", help="the ncu binary")
     p.add_argument("--timeout-s", type=float, default=240.0, help="per case")
     p.add_argument("--summarize-only", action="store_true", help="rebuild the report from --out-dir's CSVs")
     p.add_argument("--run-case", help=argparse.SUPPRESS)
@@ -130,17 +125,18 @@ def main(argv=None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     rows, failures = [], {}
     for spec in args.cases.split(","):
-        csv_path = args.out_dir / f"ncu_{spec.replace(':', '_')}.csv"
+        csv_path = args.out_dir / f"ncu_{spec}.csv"
         if args.summarize_only:
             if csv_path.exists():
                 rows.append(summarize(spec, read_raw(csv_path)))
             continue
         cmd = [args.ncu, "--clock-control", "none", "--target-processes", "all", "-k", f"regex:{KERNEL}",
                "--launch-skip", str(SKIP), "--launch-count", "1", "--set", "detailed", "--section", "WarpStateStats",
-               "--csv", "--page", "raw", "--print-units", "base", sys.executable, __file__, "--run-case", spec]
+               "--csv", "--page", "raw", "--print-units", "base", sys.executable, "-m", __spec__.name,
+               "--run-case", spec]
         print(f"[ncu] {spec}", flush=True)
         try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s,
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s, cwd=REPO_ROOT,
                                  env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False)
         except subprocess.TimeoutExpired:
             failures[spec] = f"timed out after {args.timeout_s} s"
@@ -157,7 +153,6 @@ def main(argv=None) -> int:
     if args.summarize_only and meta_path.exists():  # keep the GPU run's environment
         meta = json.loads(meta_path.read_text())["meta"]
     else:
-        import bench_kernel as bk
         import torch
         meta = bk.environment(torch.device("cuda"))
     meta_path.write_text(json.dumps({"meta": meta, "rows": rows, "failures": failures},

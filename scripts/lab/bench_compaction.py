@@ -1,21 +1,19 @@
-#!/usr/bin/env python3
 """What compaction (issue 5) buys in the kernel and what it costs to copy (GPU only).
 
 ``kernel``: for each case, our kernel on scattered slots (the grid's layout: a random permutation)
 and on contiguous ones (each prefix, then each suffix, one run), each with the plan's base slots off
-(every chunk read through ``kv_indices``) and on (chunks that are one run read by base + offset),
-flat and persistent launches; each variant is checked against the fp32 oracle first, then timed
-like ``bench_kernel.py``. ``bases_us`` is the per-step cost of computing the bases
+(every chunk read through ``kv_indices``) and on (chunks that are one run read by base + offset);
+each variant is checked against the fp32 oracle first, then timed like :mod:`scripts.bench_kernel`. ``bases_us`` is the per-step cost of computing the bases
 (:func:`~packinfer_sglang.kernels.kv_indices.item_kv_bases`).
 
 ``copy``: a relocation's KV copy, K and V of every layer from scattered old slots to a contiguous
 new range, with ``sglang.srt.mem_cache.memory_pool.move_kv_cache_native`` (what
-``compaction_alloc.move_kv`` runs unless SGLang built its fused copy), for N tokens; bytes =
+:func:`packinfer_sglang.compaction.alloc.move_kv` runs unless SGLang built its fused copy), for N tokens; bytes =
 2 (read + write) x 2 (K, V) x layers x kv_heads x head_dim x itemsize x N.
 
 Writes ``bench_compaction.json`` and ``bench_compaction.md`` under ``--out-dir``.
 
-    python scripts/bench_compaction.py --out-dir out/compaction
+    python -m scripts.lab.bench_compaction --out-dir out/compaction
 """
 
 # ruff: noqa: B023 -- every timed lambda runs inside the loop iteration that defines it
@@ -29,17 +27,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_kernel as bk
-import kernel_cases as kc
+from .. import bench_kernel as bk
+from .. import kernel_cases as kc
 
 CASES = "B64_P4096_S256,B256_P2048_S256,B64_P4096_S32,B16_P2048_S512,B64_P16384_S256,B64_P0_S4096"
 COPY_TOKENS = (256, 1024, 4096, 16384, 65536)
 
 
 def kernel_rows(names: str, dev: torch.device) -> list[dict]:
+    """Per case and layout, two rows: base slots off, then on (module docstring)."""
     from packinfer_sglang.kernels.kv_indices import item_kv_bases
-    from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of, persistent_programs
     kern = bk.import_kernels()
     by_name = {c.name: c for c in kc.full_grid()}
     rows = []
@@ -52,26 +49,22 @@ def kernel_rows(names: str, dev: torch.device) -> list[dict]:
             for bases in (False, True):
                 plan = kern.plan_packed_cascade(*inp[3:8], hq, hkv, head_dim=d, dtype=inp.k_buffer.dtype,
                                                 kv_base=bases)
-                occ = kernel_occupancy(dev, inp.k_buffer.dtype, d, hq // hkv, persistent=True, has_kv_base=bases)
-                for persistent in (False, True):
-                    p = plan._replace(num_programs=persistent_programs(num_sms_of(dev), occ, hkv)) if persistent else plan
-                    out = torch.full_like(inp.q, float("nan"))
-                    run = lambda p=p, out=out: kern.run_packed_cascade(inp.q, inp.k_buffer, inp.v_buffer, p,
-                                                                       inp.sm_scale, out)
-                    run()
-                    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-                    ok = bool(torch.isfinite(out).all()) and err <= bk.TOLERANCE[case.dtype]
-                    row = {"case": name, "layout": layout, "kv_base": bases, "persistent": persistent,
-                           "items": plan.num_items, "rel_err": err, "us": bk.time_us(run, 5.0) if ok else None}
-                    if bases:
-                        row["fast_items"] = int((plan.kv_base[: plan.num_items] >= 0).sum())
-                        items = plan.items[: plan.num_items]
-                        buf = torch.empty(plan.num_items, dtype=torch.int32, device=dev)
-                        row["bases_us"] = bk.time_us(lambda: item_kv_bases(plan.kv_indices, items[:, 2],
-                                                                           items[:, 3], buf), 5.0)
-                    rows.append(row)
-            print(name, layout, " ".join(f"{'B' if r['kv_base'] else '-'}{'P' if r['persistent'] else 'F'}:"
-                                         f"{r['us'] or float('nan'):.1f}" for r in rows[-4:]), flush=True)
+                out = torch.full_like(inp.q, float("nan"))
+                run = lambda: kern.run_packed_cascade(inp.q, inp.k_buffer, inp.v_buffer, plan, inp.sm_scale, out)
+                run()
+                err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+                ok = bool(torch.isfinite(out).all()) and err <= bk.TOLERANCE[case.dtype]
+                row = {"case": name, "layout": layout, "kv_base": bases, "items": plan.num_items, "rel_err": err,
+                       "us": bk.time_us(run, 5.0) if ok else None}
+                if bases:
+                    row["fast_items"] = int((plan.kv_base[: plan.num_items] >= 0).sum())
+                    items = plan.items[: plan.num_items]
+                    buf = torch.empty(plan.num_items, dtype=torch.int32, device=dev)
+                    row["bases_us"] = bk.time_us(lambda: item_kv_bases(plan.kv_indices, items[:, 2],
+                                                                       items[:, 3], buf), 5.0)
+                rows.append(row)
+            print(name, layout, " ".join(f"{'base' if r['kv_base'] else 'index'}: {r['us'] or float('nan'):.1f}"
+                                         for r in rows[-2:]), flush=True)
     return rows
 
 
@@ -99,13 +92,13 @@ def markdown(meta: dict, kernel: list[dict], copy: list[dict]) -> str:
     lines = [(f"# Compaction: kernel layout and copy cost\n\nGPU {meta['gpu']}; torch {meta['torch']}, triton "
               f"{meta['triton']}, sglang {meta['sglang']}; {meta['date']}\n")]
     if kernel:
-        lines += ["## Kernel (µs)\n", "| case | layout | index F | index P | base F | base P | fast items | bases µs |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines += ["## Kernel (µs)\n", "| case | layout | index | base | fast items | bases µs |",
+                  "|---|---|---:|---:|---:|---:|"]
     fmt = lambda r: f"{r['us']:.1f}" if r["us"] is not None else "fail"
-    for i in range(0, len(kernel), 4):
-        a, b, c, d = kernel[i : i + 4]
-        lines.append(f"| {a['case']} | {a['layout']} | {fmt(a)} | {fmt(b)} | {fmt(c)} | {fmt(d)} | "
-                     f"{c['fast_items']}/{c['items']} | {c['bases_us']:.1f} |")
+    for i in range(0, len(kernel), 2):
+        index, base = kernel[i : i + 2]
+        lines.append(f"| {index['case']} | {index['layout']} | {fmt(index)} | {fmt(base)} | "
+                     f"{base['fast_items']}/{base['items']} | {base['bases_us']:.1f} |")
     if copy:
         lines += ["", f"## Relocation copy ({meta['copy_shape']})\n", "| tokens | µs | ns/token | GB/s |",
                   "|---:|---:|---:|---:|"]

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Host time of one packed decode step's metadata, as the backend builds it before a graph replay.
 
 Builds :func:`packinfer_sglang.decode_step.build_decode_step` into CUDA-graph buffers for a decode
@@ -7,7 +6,7 @@ token prefix), with the GPU kept busy by a queue of matmuls (as it is by the pre
 serving), and reports the mean wall time per step plus cProfile's top functions by own time. The
 serving log's ``host plan X us/step`` counts the same work plus taking the groups.
 
-    python scripts/profile_host_step.py --out-dir out/host
+    python -m scripts.lab.profile_host_step --out-dir out/host
 """
 
 from __future__ import annotations
@@ -24,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_kernel as bk
+from .. import bench_kernel as bk
 
 CASES = {  # name: (batch, groups, prefix tokens, mean suffix tokens)
     "B256_nosharing_S1024": (256, 256, 0, 1024),
@@ -50,14 +48,17 @@ def make_batch(batch, num_groups, prefix, suffix, device, seed=0):
 
 
 def profile_case(name, steps, device) -> dict:
-    from packinfer_sglang.kernels.packed_cascade import kernel_occupancy, num_sms_of
+    """One case's host time per step into graph buffers sized and launched as the backend's
+    (the prefix and the plain-decode launches' occupancies of Llama-3-8B heads, bf16)."""
+    from packinfer_sglang.kernels.launch import kernel_occupancy, num_sms_of
 
     from packinfer_sglang.decode_step import GraphBuffers, build_decode_step
     batch, num_groups, prefix, suffix = CASES[name]
     groups, lens, rows, req_to_token = make_batch(batch, num_groups, prefix, suffix, device)
     num_sms = num_sms_of(device)
-    waves = kernel_occupancy(device, torch.bfloat16, 128, 4, persistent=True)
-    graph = GraphBuffers(batch, req_to_token.shape[1], 8, num_sms, device, waves=waves)
+    occupancy = {plain: kernel_occupancy(device, torch.bfloat16, 128, 4, plain=plain) for plain in (False, True)}
+    graph = GraphBuffers(batch, req_to_token.shape[1], 8, num_sms, device, programs_per_sm=occupancy[False],
+                         plain_programs_per_sm=occupancy[True])
     a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
 
     def step():
@@ -90,8 +91,8 @@ def profile_case(name, steps, device) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--out-dir", type=Path, default=Path("out/host"))
+    p.add_argument("--steps", type=int, default=300, help="timed steps per case (as many again profiled)")
+    p.add_argument("--out-dir", type=Path, default=Path("out/host"), help="where host_step.json goes")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
