@@ -162,6 +162,13 @@ PRESETS: dict[str, dict[str, Workload]] = {
     # (about 0.4 M tokens for Llama-3-8B on an H100) fills with about 1 M distinct tokens.
     "mixed": _pair(Workload("mixed", 260, 6, 2048, 256, 512, range_ratio=0.25, zipf_alpha=1.1, request_rate=12.0),
                    num_groups=160, request_rate=16.0),
+    # Issue 19: prefill-heavy shared prefix at 512 concurrent requests (above SGLang's default
+    # decode-graph range of 256 on an H200) with 128 output tokens; quick: the same 512 requests.
+    "prefill-heavy-512": _pair(Workload("shared-prefix", 64, 8, 2048, 256, 128)),
+    # Issue 19: Poisson arrivals over Zipf-popular groups, long enough to mix extend and decode
+    # batches (quick: 480 requests over 30 s).
+    "zipf-poisson": _pair(Workload("mixed", 120, 8, 2048, 256, 256, range_ratio=0.5, zipf_alpha=1.1,
+                                   request_rate=16.0), num_groups=60),
     # Single-purpose presets of the first version (not in --workloads all).
     "short": _pair(Workload("shared-prefix", 8, 32, 4096, 64, 128)),  # verification runs
     "smoke": _pair(Workload("shared-prefix", 2, 4, 256, 16, 16)),
