@@ -34,7 +34,7 @@ def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
     from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
 
-    from ..patches import batch_order, forward_batch, graph_capture
+    from ..patches import batch_order, forward_batch, graph_capture, idle_check
 
     if NAME not in ATTENTION_BACKENDS:
         register_attention_backend(NAME)(_create_attention_backend)
@@ -45,6 +45,10 @@ def register() -> None:
     HookRegistry.register(forward_batch.TARGET, forward_batch.attach_decode_groups, HookType.AFTER)
     HookRegistry.register(batch_order.TARGET, batch_order.group_adjacent, HookType.BEFORE)
     HookRegistry.register(graph_capture.TARGET, graph_capture.raise_decode_graph_range, HookType.AROUND)
+    if config.verify:  # the pools checked whenever the scheduler goes idle
+        HookRegistry.register(idle_check.TARGET, idle_check.check_at_idle, HookType.AFTER)
+    if config.compact:  # retired slots returned before SGLang's own idle check
+        HookRegistry.register(idle_check.TARGET, idle_check.release_at_idle, HookType.BEFORE)
     if config.frag_log_every:  # before compaction's hook, so it runs after it (later ones run first)
         from ..patches import fragmentation_log
 
