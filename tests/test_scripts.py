@@ -119,7 +119,7 @@ def test_every_flag_has_help():
 
 PRODUCT_TOOLS = {"bench_kernel", "kernel_cases", "kernel_baselines", "kernel_report", "bench_serving",
                  "serving_workloads", "serving_procs", "serving_report", "serving_client", "serving_parallel",
-                 "steady_decode", "make_model_dir"}
+                 "steady_decode", "make_model_dir", "bench_faults"}
 LAB_TOOLS = {"profile_ncu", "profile_host_step", "kernel_resources", "bench_compaction"}
 
 
