@@ -15,8 +15,9 @@ against SGLang's Triton decode; at every idle period the pools checked by
 ``retract``     more shared-prefix traffic than the pool holds: SGLang retracts decode requests
                 (the ``retractions`` column counts its log lines) and the radix cache evicts
                 group prefixes while other members still run
-``edge``        parallel sampling (``n = 8``), ``max_new_tokens = 1``, prompts at the context limit
-                and over it (a 4xx answer is expected), beside ordinary shared-prefix requests
+``edge``        parallel sampling (``n = 8``), ``max_new_tokens = 1``, prompts of the longest length
+                SGLang admits (``max_req_input_len - 1``, from ``/server_info``), at its limit and
+                over the context (a 4xx answer is expected), beside ordinary shared-prefix requests
 
 Every request asks for ``ignore_eos`` and a fixed ``max_new_tokens``, so a completed request must
 return exactly that many tokens. After each phase the driver waits for the idle check's log line,
@@ -98,8 +99,10 @@ class Traffic:
 
     def body(self, input_ids, max_new: int, stream=False, n=1) -> dict:
         self.n += 1
+        # Fixed-width rids: SGLang's /abort_request aborts every request whose rid *starts with* the
+        # given one (scheduler.abort_request), so "fault-7" would also abort "fault-70".
         params = {"max_new_tokens": max_new, "ignore_eos": True, "temperature": 0.0 if n == 1 else 1.0}
-        return {"rid": f"fault-{self.n}", "input_ids": input_ids, "stream": stream,
+        return {"rid": f"fault-{self.n:06d}", "input_ids": input_ids, "stream": stream,
                 "sampling_params": params | ({"n": n} if n > 1 else {})}
 
     def groups(self, num_groups: int, per_group: int, system: int, question: int, max_new: int,
@@ -124,7 +127,10 @@ def _judge(body: dict, status: int, payload, injected: bool, expect_reject=False
         return Outcome("completed")
     if injected:
         return Outcome("aborted")
-    return Outcome("errored", f"{body['rid']}: status {status}, {str(payload)[:200]}")
+    got = [i.get("meta_info", {}) if isinstance(i, dict) else {} for i in items]
+    finish = [(m.get("completion_tokens"), (m.get("finish_reason") or {}).get("type")) for m in got]
+    return Outcome("errored", f"{body['rid']}: status {status}, want {want_n} x {want} tokens, got (tokens, finish) "
+                              f"{finish[:4]}, {str(payload)[:120]}")
 
 
 async def _post(session, url: str, body: dict, injected=False, expect_reject=False) -> Outcome:
@@ -192,14 +198,18 @@ async def run_phase(phase: str, base: str, traffic: Traffic, args) -> list[Outco
             bodies = [b for g in traffic.groups(args.groups * 2, 8, args.system_len * 3 // 2, q, 512) for b in g]
             return await asyncio.gather(*(_post(session, url, b) for b in bodies))
         if phase == "edge":
+            # The longest prompt SGLang admits is max_req_input_len - 1 (min(context, pool) - 6 tokens);
+            # at max_req_input_len and over the context it answers 400.
+            async with session.get(f"{base}/server_info") as resp:
+                limit = (await resp.json()).get("max_req_input_len") or args.context_length - 6
             ctx = args.context_length
             tasks = [_post(session, url, b) for g in traffic.groups(4, 8, args.system_len, q, 128) for b in g]
             tasks += [_post(session, url, traffic.body(traffic.ids(args.system_len), 64, n=8)) for _ in range(4)]
             shared = traffic.ids(args.system_len)
             tasks += [_post(session, url, traffic.body(shared + traffic.ids(16), 1)) for _ in range(16)]
-            tasks += [_post(session, url, traffic.body(traffic.ids(ctx - 1), 1)) for _ in range(2)]
-            tasks += [_post(session, url, traffic.body(traffic.ids(ctx + 100), 1), expect_reject=True)
-                      for _ in range(2)]
+            tasks += [_post(session, url, traffic.body(traffic.ids(limit - 1), 1)) for _ in range(2)]
+            tasks += [_post(session, url, traffic.body(traffic.ids(n), 1), expect_reject=True)
+                      for n in (limit, ctx + 100, ctx + 100)]
             return await asyncio.gather(*tasks)
     raise ValueError(f"unknown phase {phase!r}; known: {PHASES}")
 

@@ -20,10 +20,13 @@ GEN_S = 4.5
 
 
 def _fake_app(aborted: set):
+    def is_aborted(rid):  # SGLang's scheduler aborts every rid that starts with an aborted one
+        return any(rid.startswith(a) for a in aborted)
+
     async def generate(request):
         body = await request.json()
         rid, params = body["rid"], body["sampling_params"]
-        if len(body["input_ids"]) >= CTX:
+        if len(body["input_ids"]) >= CTX - 6:
             return web.json_response({"error": {"message": "The input is longer than the context"}}, status=400)
         n, want = params.get("n", 1), params["max_new_tokens"]
 
@@ -35,11 +38,12 @@ def _fake_app(aborted: set):
             await resp.prepare(request)
             for i in range(1, want + 1):
                 await asyncio.sleep(0.002)
-                stop = rid in aborted
+                stop = is_aborted(rid)
                 reason = {"type": "abort"} if stop else ({"type": "length", "length": want} if i == want else None)
                 try:
                     await resp.write(f"data: {json.dumps(item(i, reason))}\n\n".encode())
-                except ConnectionResetError:
+                except ConnectionResetError:  # SGLang aborts a request whose client went away
+                    aborted.add(rid)
                     return resp
                 if stop:
                     break
@@ -51,7 +55,7 @@ def _fake_app(aborted: set):
         end = loop.time() + GEN_S
         while loop.time() < end:
             await asyncio.sleep(0.01)
-            if rid in aborted:
+            if is_aborted(rid):
                 return web.json_response(item(0, {"type": "abort"}))
         out = [item(want, {"type": "length", "length": want})] * n
         return web.json_response(out if n > 1 else out[0])
@@ -60,7 +64,11 @@ def _fake_app(aborted: set):
         aborted.add((await request.json())["rid"])
         return web.Response()
 
+    async def server_info(request):
+        return web.json_response({"context_length": CTX, "max_req_input_len": CTX - 6})
+
     app = web.Application()
+    app.router.add_get("/server_info", server_info)
     app.router.add_post("/generate", generate)
     app.router.add_post("/abort_request", abort)
     return app
@@ -94,7 +102,7 @@ def test_phase_outcomes_against_a_fake_server(fake_server, phase):
     if phase == "abort":
         assert kinds.count("aborted") >= 16  # two whole groups of 8 at least
     if phase == "edge":
-        assert kinds.count("rejected") == 2 and len(kinds) == 32 + 4 + 16 + 2 + 2
+        assert kinds.count("rejected") == 3 and len(kinds) == 32 + 4 + 16 + 2 + 3
 
 
 def test_judge_counts_short_or_failed_requests_as_errored_unless_injected():
