@@ -272,6 +272,16 @@ class Relocator:
         self.allocator.free(slots)
         return slots.numel()
 
+    def forget_retired(self) -> int:
+        """Drops the queued copies and every retired slot without freeing them: for a pool about to be
+        cleared whole (SGLang's ``/flush_cache`` when idle), which frees them with all others; freeing
+        them afterwards would put them on the free list twice. Returns the slots dropped."""
+        n = sum(t.numel() for t in self._unflushed + self._retired)
+        self._copies.clear()
+        self._unflushed.clear()
+        self._retired.clear()
+        return n
+
     def pending_free_slots(self) -> torch.Tensor:
         """Retired slots not yet returned to the allocator (for ``check_pool_integrity``)."""
         parts = self._unflushed + self._retired

@@ -32,6 +32,19 @@ class PackInferRadixCache(RadixCache):
         super().__init__(params)
         self.runtime = PackInferRuntime(config or get_config())
 
+    def reset(self) -> None:
+        """SGLang's ``reset`` (``/flush_cache`` calls it when idle, then clears the pools): the tree
+        emptied, and the slots compaction retired forgotten, since clearing the allocator frees them
+        (:meth:`~packinfer_sglang.compaction.relocate.Relocator.forget_retired`); placement reservations
+        refreshed at the next step."""
+        state = getattr(getattr(self, "runtime", None), "compaction", None)  # None inside __init__
+        if state is not None:
+            if state.relocator is not None:
+                state.relocator.forget_retired()
+            if state.placer is not None:
+                state.placer.invalidate()
+        super().reset()
+
     def check_integrity(self, running_tokens: int | None = None) -> None:
         """Checks the tree and, when ``running_tokens`` (slots held by running requests outside the
         tree) is given, SGLang's pool equation ``available + evictable + protected + running == total``.
