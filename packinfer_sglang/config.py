@@ -23,6 +23,7 @@ environment variables reach every rank; ``packinfer serve`` sets them from its f
 | ``PACKINFER_KV_BASE`` | 0 | the kernel reads KV chunks that are one run of slots by base + offset |
 | ``PACKINFER_FRAG_LOG_EVERY`` | 0 | decode steps between KV fragmentation log lines, compaction on or off (0: never) |
 | ``PACKINFER_PREFILL_BACKEND`` | auto | extend (prefill) and mixed batches: ``flashinfer`` (SGLang's FlashInfer backend), ``triton`` (SGLang's Triton backend), ``auto`` (flashinfer where it imports, else triton) |
+| ``PACKINFER_PREFILL_DEDUP`` | 0 | hold back a waiting request while another computes the prefix it shares (one prefill per uncached shared prefix; off until measured) |
 | ``PACKINFER_GRAPH_MAX_BS`` | 512 | capture decode CUDA graphs up to this batch size when ``--cuda-graph-max-bs`` is not given and SGLang's default is lower (0: SGLang's default) |
 
 Every variable is validated when the process starts (:func:`validate_environment`): a bad value, or
@@ -85,6 +86,7 @@ class PackInferConfig:
     frag_log_every: int = 0
     prefill_backend: str = "auto"
     graph_max_bs: int = 512
+    prefill_dedup: bool = False
 
     def __post_init__(self):
         at_least = {"min_prefix_tokens": 1, "min_group_size": 2, "verify_every": 1, "log_every": 0,

@@ -46,3 +46,23 @@ def test_permute_batch_rejects_non_permutations():
     batch = types.SimpleNamespace(reqs=[1, 2, 3])
     with pytest.raises(ValueError, match="not a permutation"):
         batch_order.permute_batch(batch, [0, 0, 1])
+
+
+def test_prefill_dedup_hook_is_registered_only_when_asked(tmp_path):
+    """``PACKINFER_PREFILL_DEDUP=1`` wraps ``Scheduler.get_new_batch_prefill`` (in a fresh process:
+    the config is read once per process)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from sglang.srt.plugins.hook_registry import HookRegistry\n"
+            "from packinfer_sglang.serving import plugin\n"
+            "from packinfer_sglang.patches import prefill_dedup\n"
+            "plugin.register()\n"
+            "print(len(HookRegistry._hooks.get(prefill_dedup.TARGET, [])))\n")
+    for value, want in (("1", "1"), ("0", "0")):
+        env = {**os.environ, "PACKINFER_PREFILL_DEDUP": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                             check=False)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1] == want

@@ -53,6 +53,10 @@ def register() -> None:
         from ..patches import fragmentation_log
 
         HookRegistry.register(fragmentation_log.TARGET, fragmentation_log.log_fragmentation, HookType.BEFORE)
+    if config.prefill_dedup:  # one prefill per uncached shared prefix: off until measured
+        from ..patches import prefill_dedup
+
+        HookRegistry.register(prefill_dedup.TARGET, prefill_dedup.hold_shared_prefills, HookType.AROUND)
     if config.compact:  # KV compaction (issue 5): off until measured
         from ..patches import compaction_hook
 
