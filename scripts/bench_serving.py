@@ -4,7 +4,9 @@ For each backend in ``--backends`` (``NAME``, or ``NAME:VARIANT``: ``eager``, de
 ``compact``, packinfer with ``PACKINFER_COMPACT=1``; ``fiprefill``, packinfer decode with FlashInfer
 prefill through SGLang's ``HybridAttnBackend`` (``--prefill-attention-backend flashinfer``);
 ``triprefill``, packinfer with ``PACKINFER_PREFILL_BACKEND=triton`` (extend on SGLang's Triton kernels);
-``mixedchunk``, any backend with ``--enable-mixed-chunk``; joined by ``+``, as ``packinfer:compact+eager``)
+``mixedchunk``, any backend with ``--enable-mixed-chunk``; ``dedup``, packinfer with
+``PACKINFER_PREFILL_DEDUP=1``; ``lpm``, any backend with ``--schedule-policy lpm`` (SGLang's own
+in-batch prefix caching); joined by ``+``, as ``packinfer:compact+eager``)
 this starts ``python -m sglang.launch_server`` once on a weightless model directory
 (``--load-format dummy``; ``python -m scripts.make_model_dir``), waits for ``/health`` and starts one
 client runner (``python -m scripts.serving_client``, in the repository root). Then, for each workload
@@ -60,8 +62,8 @@ QUICK_DEADLINE_S = 520.0  # --quick ends within 9 minutes: the GPU host's 10-min
 LOG_TAIL_LINES = 30  # log lines kept in a row when something fails
 CLIENT_ENV = {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 CLIENT_RUNNER = "scripts.serving_client"  # run as `python -m` in wl.REPO_ROOT
-VARIANTS = ("eager", "compact", "fiprefill", "triprefill", "mixedchunk")  # NAME:VARIANT[+VARIANT] in --backends
-PACKINFER_ONLY = ("compact", "fiprefill", "triprefill")
+VARIANTS = ("eager", "compact", "fiprefill", "triprefill", "mixedchunk", "dedup", "lpm")  # NAME:VARIANT[+VARIANT] in --backends
+PACKINFER_ONLY = ("compact", "fiprefill", "triprefill", "dedup")
 
 
 @dataclass(frozen=True)
@@ -97,11 +99,14 @@ def plan_backends(args: argparse.Namespace, tokenizer: Path) -> list[BackendPlan
         extra = args.extra_server_args + (" --cuda-graph-backend-decode disabled" if "eager" in variants else "")
         extra += " --prefill-attention-backend flashinfer" if "fiprefill" in variants else ""
         extra += " --enable-mixed-chunk" if "mixedchunk" in variants else ""
+        extra += " --schedule-policy lpm" if "lpm" in variants else ""
         env = procs.server_env(name, args.verify, procs.parse_env_pairs(args.packinfer_env))
         if "compact" in variants:
             env["PACKINFER_COMPACT"] = "1"
         if "triprefill" in variants:
             env["PACKINFER_PREFILL_BACKEND"] = "triton"
+        if "dedup" in variants:
+            env["PACKINFER_PREFILL_DEDUP"] = "1"
         plans.append(BackendPlan(backend, args.port + i,
                                  procs.server_argv(args.python, args.model_dir, tokenizer, name, args.port + i, extra),
                                  env))
@@ -320,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                    " packinfer:fiprefill runs packinfer decode with FlashInfer prefill"
                    " (--prefill-attention-backend flashinfer); packinfer:triprefill runs extend on SGLang's"
                    " Triton kernels (PACKINFER_PREFILL_BACKEND=triton); NAME:mixedchunk adds --enable-mixed-chunk;"
+                   " packinfer:dedup sets PACKINFER_PREFILL_DEDUP=1; NAME:lpm adds --schedule-policy lpm;"
                    " variants combine with + (packinfer:compact+eager)")
     p.add_argument("--baseline", default="",
                    help="comma-separated backends the 'vs best base' column compares with (default: every"

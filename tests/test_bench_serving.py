@@ -105,7 +105,11 @@ def test_dry_run_of_compaction_off_and_on_for_the_mixed_workload(tiny, tmp_path,
     argv = plans[0].server_argv
     assert argv[argv.index("--prefill-attention-backend") + 1] == "flashinfer"
     assert argv[argv.index("--attention-backend") + 1] == "packinfer"
-    for bad in ("triton:compact", "flashinfer:fiprefill", "packinfer:fast"):
+    plans = bench.plan_backends(_args(["--model-dir", str(tiny), "--backends", "packinfer:dedup,flashinfer:lpm"]), tiny)
+    assert plans[0].server_env["PACKINFER_PREFILL_DEDUP"] == "1" and "--schedule-policy" not in plans[0].server_argv
+    argv = plans[1].server_argv
+    assert argv[argv.index("--schedule-policy") + 1] == "lpm" and "PACKINFER_PREFILL_DEDUP" not in plans[1].server_env
+    for bad in ("triton:compact", "flashinfer:fiprefill", "flashinfer:dedup", "packinfer:fast"):
         with pytest.raises(ValueError, match="variant"):
             bench.plan_backends(_args(["--model-dir", str(tiny), "--backends", bad]), tiny)
 
