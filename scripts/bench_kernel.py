@@ -42,6 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TOLERANCE = {"bf16": 2e-2, "fp16": 1e-2}  # relative L2 error vs the fp32 oracle
 REP_MS = {"quick": 20.0, "full": 10.0, "tiny": 20.0}  # ms of calls per timed CUDA graph, by grid
+# --impls of the two calls the full grid takes on a fresh host (JIT compiles included), merged with
+# `python -m scripts.kernel_report --merge FIRST.json SECOND.json --out ...`
+FULL_SPLIT = (("ours", "sglang_triton", "flashinfer_decode", "flashinfer_cascade", "fa2_varlen", "fa2_cascade"),
+              ("ours", "flashinfer_cascade_fa2", "flashinfer_prefix_prefill", "flashinfer_batch_attention"))
 TIMING_METHOD = ("triton.testing.do_bench_cudagraph(return_mode='median'): a CUDA graph of n back-to-back "
                  "calls (about rep_ms of work), median over 10 replays of replay time / n")
 L2_STATE = "warm (no flush between calls)"

@@ -7,6 +7,14 @@ where the baseline does not apply and anything else where it fails; the driver r
 - ``sglang_triton``: SGLang 0.5.17's ``decode_attention_fwd`` as ``TritonAttnBackend`` calls it.
 - ``flashinfer_decode``: ``BatchDecodeWithPagedKVCacheWrapper`` (tensor cores, page size 1).
 - ``flashinfer_cascade``: ``MultiLevelCascadeAttentionWrapper``, 2 levels (group prefix, suffix).
+- ``flashinfer_cascade_fa2``: the same two levels composed by hand from
+  ``BatchPrefillWithPagedKVCacheWrapper(backend="fa2")`` (packs GQA heads into rows and splits KV,
+  which the sm90 FA3 backend that the cascade wrapper's ``auto`` picks does not) and
+  ``merge_state_in_place``, as the cascade wrapper composes its levels.
+- ``flashinfer_prefix_prefill``: "prefix as prefill": each group's queries as one non-causal fa2
+  paged prefill over its prefix, the suffixes with the tensor-core decode wrapper, ``merge_state_in_place``.
+- ``flashinfer_batch_attention``: ``BatchAttention``, FlashInfer's persistent one-launch kernel, on
+  the flat lists (no sharing exploited).
 - ``fa2_varlen``: FlashAttention-2 varlen through torch (``torch.ops.aten._flash_attention_forward``,
   what ``torch.nn.attention.varlen.varlen_attn`` calls) on K/V gathered dense per request: the
   PackInfer paper's baseline. The gather is *not* timed (reported beside it as ``gather_us``).
@@ -108,6 +116,78 @@ def build_flashinfer_cascade(inp) -> Impl:
     return Impl(lambda: wrapper.run(q, pages), None, {"note": "allocates its output: poisoned via allocator"})
 
 
+def _fa2_prefill_level(flashinfer, workspace, inp, qo_indptr, kv_indptr, kv_indices):
+    """A planned ``BatchPrefillWithPagedKVCacheWrapper(backend="fa2")`` (non-causal, page size 1)."""
+    q = inp.q
+    wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2")
+    wrapper.plan(qo_indptr, kv_indptr, kv_indices,
+                 torch.ones(qo_indptr.numel() - 1, dtype=torch.int32, device=q.device), q.shape[1],
+                 inp.k_buffer.shape[1], q.shape[2], 1, causal=False, sm_scale=inp.sm_scale, q_data_type=q.dtype,
+                 kv_data_type=q.dtype)
+    return wrapper
+
+
+def _workspace(inp):
+    return torch.zeros(FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device=inp.q.device)
+
+
+def build_flashinfer_cascade_fa2(inp) -> Impl:
+    """Two fa2 prefill levels (group prefixes with ``group_indptr`` as ``qo_indptr``; request
+    suffixes) merged in place, each level with its own workspace."""
+    _needs_two_levels(inp)
+    flashinfer, workspace, pages = _flashinfer(inp)
+    q, num_tokens = inp.q, inp.q.shape[0]
+    prefix = _fa2_prefill_level(flashinfer, workspace, inp, inp.group_indptr, inp.prefix_kv_indptr,
+                                inp.prefix_kv_indices)
+    suffix = _fa2_prefill_level(flashinfer, _workspace(inp), inp,
+                                torch.arange(num_tokens + 1, dtype=torch.int32, device=q.device),
+                                inp.suffix_kv_indptr, inp.suffix_kv_indices)
+
+    def run():
+        out, lse = suffix.run(q, pages, return_lse=True)
+        out_p, lse_p = prefix.run(q, pages, return_lse=True)
+        flashinfer.merge_state_in_place(out, lse, out_p, lse_p)
+        return out
+    return Impl(run, None, {"note": "allocates its output: poisoned via allocator"})
+
+
+def build_flashinfer_prefix_prefill(inp) -> Impl:
+    """Prefix as prefill (fa2, group queries non-causal over the group prefix), suffixes with the
+    tensor-core decode wrapper, merged in place."""
+    _needs_two_levels(inp)
+    flashinfer, workspace, pages = _flashinfer(inp)
+    q, num_tokens = inp.q, inp.q.shape[0]
+    prefix = _fa2_prefill_level(flashinfer, workspace, inp, inp.group_indptr, inp.prefix_kv_indptr,
+                                inp.prefix_kv_indices)
+    suffix = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(inp), "NHD", use_tensor_cores=True)
+    suffix.plan(inp.suffix_kv_indptr, inp.suffix_kv_indices, torch.ones(num_tokens, dtype=torch.int32,
+                device=q.device), q.shape[1], inp.k_buffer.shape[1], q.shape[2], 1, q_data_type=q.dtype,
+                kv_data_type=q.dtype, sm_scale=inp.sm_scale)
+
+    def run():
+        out, lse = suffix.run(q, pages, return_lse=True)
+        out_p, lse_p = prefix.run(q, pages, return_lse=True)
+        flashinfer.merge_state_in_place(out, lse, out_p, lse_p)
+        return out
+    return Impl(run, None, {"note": "allocates its output: poisoned via allocator"})
+
+
+def build_flashinfer_batch_attention(inp) -> Impl:
+    """``BatchAttention`` (persistent, one launch) over each request's flat KV list."""
+    import flashinfer
+
+    pages = (inp.k_buffer.unsqueeze(1), inp.v_buffer.unsqueeze(1))
+    q, num_tokens = inp.q, inp.q.shape[0]
+    if not hasattr(flashinfer, "BatchAttention"):
+        raise Skipped("this FlashInfer has no BatchAttention")
+    wrapper = flashinfer.BatchAttention("NHD", device=str(q.device))
+    kv_lens = (inp.kv_indptr[1:] - inp.kv_indptr[:-1]).to(torch.int32)
+    wrapper.plan(torch.arange(num_tokens + 1, dtype=torch.int32, device=q.device), inp.kv_indptr, inp.kv_indices,
+                 kv_lens, q.shape[1], inp.k_buffer.shape[1], q.shape[2], q.shape[2], 1, causal=False,
+                 sm_scale=inp.sm_scale, q_data_type=q.dtype, kv_data_type=q.dtype)
+    return Impl(lambda: wrapper.run(q, pages)[0], None, {"note": "allocates its output: poisoned via allocator"})
+
+
 def fa2_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, sm_scale):
     """FlashAttention-2 varlen forward (non-causal) through torch; ``q`` ``[total_q, num_qo_heads,
     head_dim]``, ``k``/``v`` ``[total_k, num_kv_heads, head_dim]`` (GQA: ``num_kv_heads`` divides
@@ -176,5 +256,8 @@ def build_fa2_cascade(inp) -> Impl:
 
 
 BASELINE_BUILDERS = {"sglang_triton": build_sglang_triton, "flashinfer_decode": build_flashinfer_decode,
-                     "flashinfer_cascade": build_flashinfer_cascade, "fa2_varlen": build_fa2_varlen,
-                     "fa2_cascade": build_fa2_cascade}
+                     "flashinfer_cascade": build_flashinfer_cascade,
+                     "flashinfer_cascade_fa2": build_flashinfer_cascade_fa2,
+                     "flashinfer_prefix_prefill": build_flashinfer_prefix_prefill,
+                     "flashinfer_batch_attention": build_flashinfer_batch_attention,
+                     "fa2_varlen": build_fa2_varlen, "fa2_cascade": build_fa2_cascade}

@@ -273,19 +273,26 @@ COST_S = {  # estimate of a GPU run (H100), seconds; calibrate from a run's "wal
     "case": 0.3, "per_request": 1.5e-3,  # inputs, the fp32 oracle, our host-plan timing
     "timing": 0.15,  # a do_bench_cudagraph call besides its 11 x rep_ms of work (capture, warmup)
     "jit_triton": 10.0,  # per Triton implementation and new (heads, dtype): its kernels' specializations
-    "jit_flashinfer": 40.0,  # per FlashInfer wrapper and new dtype on a fresh host (offline-gpu README:
-    # "about a minute" for a server's first kernels)
 }
+# per FlashInfer JIT module and dtype on a fresh host, from the H200 full run's setup_s (decode 26-32 s,
+# the cascade's prefill 65-95 s); BatchAttention assumed like a prefill module
+JIT_FLASHINFER_S = {"decode": 30.0, "prefill_auto": 80.0, "prefill_fa2": 80.0, "batch_attention": 80.0}
+
+
+# FlashInfer's JIT modules each baseline compiles (shared ones compile once)
+FLASHINFER_MODULES = {"flashinfer_decode": {"decode"}, "flashinfer_cascade": {"prefill_auto"},
+                      "flashinfer_cascade_fa2": {"prefill_fa2"}, "flashinfer_prefix_prefill": {"prefill_fa2", "decode"},
+                      "flashinfer_batch_attention": {"batch_attention"}}
 
 
 def estimate_seconds(cases: list[Case], rep_ms: float, impls: tuple[str, ...]) -> tuple[float, float]:
     """``(total, jit)`` seconds a timed GPU run of ``cases`` should take by :data:`COST_S`, counting
-    one timing per implementation and case plus FA2 varlen's gather, and each JIT compile once."""
+    one timing per implementation and case plus FA2 varlen's gather, and each JIT module once."""
     timings = len(impls) + ("fa2_varlen" in impls)
     per_timing = COST_S["timing"] + 11 * rep_ms / 1e3
     run = sum(COST_S["case"] + COST_S["per_request"] * c.batch_size + timings * per_timing for c in cases)
     num_triton = sum(name in ("ours", "sglang_triton") for name in impls)
-    num_flashinfer = sum(name.startswith("flashinfer") for name in impls)
+    modules = set().union(*(FLASHINFER_MODULES.get(name, set()) for name in impls))
     jit = (num_triton * COST_S["jit_triton"] * len({(c.heads, c.dtype) for c in cases})
-           + num_flashinfer * COST_S["jit_flashinfer"] * len({c.dtype for c in cases}))
+           + sum(JIT_FLASHINFER_S[m] for m in modules) * len({c.dtype for c in cases}))
     return COST_S["startup"] + run + jit, jit

@@ -21,8 +21,12 @@ from .kernel_cases import floor_from
 BASELINES = tuple(BASELINE_BUILDERS)
 IMPLS = ("ours", *BASELINES)
 SHORT = {"ours": "ours", "sglang_triton": "triton", "flashinfer_decode": "fi_dec",
-         "flashinfer_cascade": "fi_casc", "fa2_varlen": "fa2", "fa2_cascade": "fa2_casc"}
-ISSUE4_BASELINES = ("sglang_triton", "flashinfer_decode", "flashinfer_cascade")  # issue 4's "best of"
+         "flashinfer_cascade": "fi_casc", "flashinfer_cascade_fa2": "fi_casc_fa2",
+         "flashinfer_prefix_prefill": "fi_pfx_pf", "flashinfer_batch_attention": "fi_batch",
+         "fa2_varlen": "fa2", "fa2_cascade": "fa2_casc"}
+# issue 4's "best of", with issue 21's FlashInfer compositions (fa2 levels, prefix as prefill, BatchAttention)
+ISSUE4_BASELINES = ("sglang_triton", "flashinfer_decode", "flashinfer_cascade", "flashinfer_cascade_fa2",
+                    "flashinfer_prefix_prefill", "flashinfer_batch_attention")
 ISSUE4_FLOOR_X, ISSUE4_SLACK = 2.0, 1.05
 
 
@@ -246,13 +250,45 @@ def write_outputs(out_dir: Path, stem: str, meta: dict, rows: list[dict], plot: 
     return path
 
 
+def merge_runs(first: dict, second: dict) -> dict:
+    """One result from two runs of the same cases with different ``--impls`` on one machine: each
+    case keeps ``first``'s results and takes ``second``'s for the implementations ``first`` did not
+    run (absent or skipped); ``second``'s ``ours`` is kept as ``ours_second_run`` (the run-to-run
+    check). Rows are summarized again. Raises ``ValueError`` when the runs' cases differ."""
+    by_case = {r["case"]: r for r in second["rows"]}
+    if set(by_case) != {r["case"] for r in first["rows"]}:
+        raise ValueError("the two runs have different cases")
+    rows = []
+    for row in first["rows"]:
+        other, impls = by_case[row["case"]], dict(row["impls"])
+        for name, res in other["impls"].items():
+            if name != "ours" and (impls.get(name) or {}).get("status", "skipped") == "skipped":
+                impls[name] = res
+        rows.append(summarize_row({**row, "impls": impls, "ours_second_run": other["impls"].get("ours")}))
+    meta = {**first["meta"], "merged_from": [first["meta"].get("command"), second["meta"].get("command")],
+            "wall_s": first["meta"].get("wall_s", 0) + second["meta"].get("wall_s", 0)}
+    return {"meta": meta, "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Rewrites result JSONs and their .md and .png with :func:`raise_floor_to_achieved` applied (for
-    JSONs written before the rule): ``python -m scripts.kernel_report FILE.json ...``."""
+    JSONs written before the rule): ``python -m scripts.kernel_report FILE.json ...``; or merges two
+    runs of one grid with different ``--impls``: ``--merge FIRST.json SECOND.json --out OUT.json``."""
     import argparse
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("json", nargs="+", type=Path, help="kernel_<gpu>_<mode>.json files of scripts.bench_kernel")
-    for path in p.parse_args(argv).json:
+    p.add_argument("--merge", action="store_true", help="merge the two JSONs (merge_runs) into --out")
+    p.add_argument("--out", type=Path, help="with --merge: the merged JSON (its .md and .png beside it)")
+    args = p.parse_args(argv)
+    if args.merge:
+        if len(args.json) != 2 or args.out is None:
+            p.error("--merge takes two JSONs and --out")
+        merged = merge_runs(*(json.loads(path.read_text()) for path in args.json))
+        raise_floor_to_achieved(merged["meta"], merged["rows"])
+        write_outputs(args.out.parent, args.out.stem, merged["meta"], merged["rows"])
+        print(f"{args.out}: {len(merged['rows'])} cases merged")
+        return 0
+    for path in args.json:
         data = json.loads(path.read_text())
         moved = raise_floor_to_achieved(data["meta"], data["rows"])
         write_outputs(path.parent, path.stem, data["meta"], data["rows"])
