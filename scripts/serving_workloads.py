@@ -88,6 +88,7 @@ class Workload:
     range_ratio: float = 1.0
     zipf_alpha: float = 0.0  # mixed only: P(system prompt of rank k) ~ k ** -zipf_alpha
     request_rate: float | None = None
+    ordered: bool = False  # shared-prefix only: each group's requests sent together (--gsp-ordered), not shuffled
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -118,6 +119,8 @@ class Workload:
             raise ValueError(f"request_rate must be finite and > 0 (parallel sampling: None), got {rate}")
         if self.kind == "mixed" and rate is None:
             raise ValueError(f"mixed needs a request_rate: {self}")
+        if self.ordered and self.kind != "shared-prefix":
+            raise ValueError(f"ordered applies to shared-prefix only: {self}")
         if self.kind == "multi-level" and self.output_len < 4:
             raise ValueError("multi-level: output_len must be >= 4 (the custom dataset's minimum)")
 
@@ -131,7 +134,7 @@ class Workload:
         g, p, out = self.num_groups, self.prompts_per_group, self.output_len
         return {
             "shared-prefix": f"{g} groups x {p}, system {self.system_prompt_len} + question "
-                             f"{self.question_len}, output {out}",
+                             f"{self.question_len}, output {out}" + (", each group in a burst" if self.ordered else ""),
             "multi-level": f"system {self.system_prompt_len} -> {g} few-shot blocks x {self.fewshot_len}"
                            f" -> {p} questions x {self.question_len} each, output {out}",
             "parallel-sampling": f"{g} prompts x {self.system_prompt_len}, n = {p} samples each, output {out}",
@@ -165,6 +168,9 @@ PRESETS: dict[str, dict[str, Workload]] = {
     # Issue 19: prefill-heavy shared prefix at 512 concurrent requests (above SGLang's default
     # decode-graph range of 256 on an H200) with 128 output tokens; quick: the same 512 requests.
     "prefill-heavy-512": _pair(Workload("shared-prefix", 64, 8, 2048, 256, 128)),
+    # The same requests with each group's 8 sent one after another (RL rollouts, agents' parallel
+    # calls): SGLang admits a group's requests before the first one's prefix is in the tree.
+    "prefill-burst-512": _pair(Workload("shared-prefix", 64, 8, 2048, 256, 128, ordered=True)),
     # Issue 19: Poisson arrivals over Zipf-popular groups, long enough to mix extend and decode
     # batches (quick: 480 requests over 30 s).
     "zipf-poisson": _pair(Workload("mixed", 120, 8, 2048, 256, 256, range_ratio=0.5, zipf_alpha=1.1,
@@ -297,6 +303,7 @@ def client_job(w: Workload, *, model_dir: Path, tokenizer: Path, port: int, seed
                  "--gsp-prompts-per-group", str(w.prompts_per_group),
                  "--gsp-system-prompt-len", str(w.system_prompt_len), "--gsp-question-len", str(w.question_len),
                  "--gsp-output-len", str(w.output_len), "--gsp-range-ratio", "1.0"]
+        argv += ["--gsp-ordered"] if w.ordered else []
     elif w.kind == "mixed":  # the stock client shuffles the requests (no --gsp-ordered)
         argv += ["--dataset-name", "generated-shared-prefix", "--gsp-num-groups", str(w.num_groups),
                  "--gsp-prompts-per-group", str(w.prompts_per_group),

@@ -135,6 +135,7 @@ def test_overrides_apply_where_the_kind_uses_the_field():
     {"kind": "mixed", "request_rate": 8.0}, {"kind": "mixed", "zipf_alpha": 1.1},
     {"zipf_alpha": 1.1}, {"request_rate": 0.0}, {"request_rate": float("inf")},
     {"kind": "mixed", "zipf_alpha": 1.1, "request_rate": 8.0, "fewshot_len": 4},
+    {"kind": "no-sharing", "prompts_per_group": 1, "system_prompt_len": 0, "ordered": True},
 ])
 def test_invalid_workloads_raise(bad):
     with pytest.raises(ValueError):
@@ -834,3 +835,12 @@ def test_counters_of_a_merged_report_keep_each_backends_environment(tmp_path):
     assert set(data["environment"]) == {"packinfer", "triton", "flashinfer"}
     rows = {r["backend"]: r for r in data["rows"]}
     assert rows["packinfer"]["host_plan_us_per_step"] == 1497 and "host_plan_us_per_step" not in rows["triton"]
+
+
+def test_burst_workload_keeps_groups_together():
+    burst, shuffled = wl.PRESETS["prefill-burst-512"]["full"], wl.PRESETS["prefill-heavy-512"]["full"]
+    assert burst.ordered and dataclasses.replace(burst, ordered=False) == shuffled
+    assert "burst" in burst.describe()
+    jobs = [wl.client_job(w, model_dir=Path("m"), tokenizer=Path("t"), port=1, seed=0, output_file=Path("o"))
+            for w in (burst, shuffled)]
+    assert "--gsp-ordered" in jobs[0]["argv"] and "--gsp-ordered" not in jobs[1]["argv"]

@@ -120,7 +120,7 @@ def test_every_flag_has_help():
 PRODUCT_TOOLS = {"bench_kernel", "kernel_cases", "kernel_baselines", "kernel_report", "bench_serving",
                  "serving_workloads", "serving_procs", "serving_report", "serving_client", "serving_parallel",
                  "steady_decode", "make_model_dir", "bench_faults"}
-LAB_TOOLS = {"profile_ncu", "profile_host_step", "kernel_resources", "bench_compaction"}
+LAB_TOOLS = {"profile_ncu", "profile_host_step", "kernel_resources", "bench_compaction", "sim_prefill_dedup"}
 
 
 def test_every_tool_imports_as_part_of_the_scripts_package():
@@ -215,3 +215,15 @@ def test_flat_graph_grid_holds_every_grid_case_unsplit_by_the_cap():
         items = len(work.prefix_items) + len(work.suffix_items)
         worst = max(worst, items / graph_grid_items(case.batch_size, 132, 2, case.num_kv_heads))
     assert worst <= 0.55, worst
+
+
+def test_prefill_dedup_model_computes_each_burst_prefix_once():
+    """``scripts.lab.sim_prefill_dedup``: bursts of one group recompute the prefix without dedup and
+    compute the distinct tokens only with it; shuffled arrivals lose little either way."""
+    from scripts.lab import sim_prefill_dedup as sim
+
+    shape = {"groups": 8, "per_group": 8, "system": 1024, "question": 64, "chunk": 4096}
+    burst_off, burst_on = (sim.simulate(d, ordered=True, **shape) for d in (False, True))
+    assert burst_on["prefill_tokens"] == burst_on["distinct_tokens"] < burst_off["prefill_tokens"] / 2
+    shuffled_on = sim.simulate(True, ordered=False, **shape)
+    assert shuffled_on["prefill_tokens"] < 1.2 * shuffled_on["distinct_tokens"]
