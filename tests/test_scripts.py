@@ -171,6 +171,12 @@ def test_kernel_resources_compiles_for_hopper_without_a_gpu():
             for line in run.stdout.splitlines() if line.startswith("| ") and "variant" not in line}
     assert rows["default"][3] == "2" and rows["pbm=16"][3] == "3"
     assert rows["guard=1,role=1"][3] == "2"  # the graphs' flat launch: as the eager one
+    # issue 21's compiler check: K/V tiles are gathered by 16-byte cp.async in a multi-stage ring;
+    # the 64-row prefix tile runs wgmma (each waited for at once), the 16-row tiles mma.sync
+    full = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[6:11]]
+            for line in run.stdout.splitlines() if line.startswith("| ") and "variant" not in line}
+    assert int(full["default"][0]) > 0 and int(full["default"][2]) > 0 and full["default"][3] == "[0]"
+    assert int(full["pbm=16"][0]) > 0 and full["pbm=16"][2] == "0" and int(full["pbm=16"][4]) > 0
     from scripts.lab import kernel_resources as kr
     assert kr.parse_variant("pbm=16, stages=3") == {"pbm": 16, "stages": 3}
     with pytest.raises(SystemExit, match="unknown"):

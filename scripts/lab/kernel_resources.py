@@ -1,5 +1,8 @@
 """Registers, spills and shared memory of the packed kernel's launch variants, compiled for a GPU
-architecture without that GPU (Triton's bundled ptxas; no device needed).
+architecture without that GPU (Triton's bundled ptxas; no device needed), and how the compiler
+pipelined each: 16-byte ``cp.async`` copies of the gathered K/V tiles and the depths of their
+``cp.async.wait_group``, ``wgmma`` instructions and the depths of their ``wgmma.wait_group`` (0:
+each warpgroup MMA is waited for at once), and ``mma.sync`` instructions.
 
 Each variant is compiled as the JIT would on the device (pointers and strides 16-byte aligned), and
 ``cuobjdump --dump-resource-usage`` reads the cubin. Resident programs per multiprocessor follow
@@ -73,11 +76,19 @@ def compile_variant(arch: int, *, gqa=4, kv_heads=8, head_dim=128, pbm=None, blo
     regs = int(re.search(r"REG:(\d+)", usage)[1])
     stack = int(re.search(r"STACK:(\d+)", usage)[1])
     smem = kernel.metadata.shared
+    ptx = kernel.asm["ptx"]
+    pipelining = {
+        "cp_async_16B": len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*,\s*0x10\s*[,;]", ptx)),
+        "cp_async_waits": sorted({int(n) for n in re.findall(r"cp\.async\.wait_group\s+(\d+)", ptx)}),
+        "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
+        "wgmma_waits": sorted({int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)}),
+        "mma_sync": len(re.findall(r"mma\.sync\.aligned", ptx)),
+    }
     regs_per_warp = -(-regs * 32 // 256) * 256
     by_regs = REGS_PER_SM // (regs_per_warp * warps)
     by_smem = (SMEM_PER_SM + SMEM_RESERVED) // (smem + SMEM_RESERVED)
     return {"regs": regs, "stack_bytes": stack, "shared_bytes": smem,
-            "programs_per_sm": max(0, min(by_regs, by_smem, 2048 // (32 * warps)))}
+            "programs_per_sm": max(0, min(by_regs, by_smem, 2048 // (32 * warps))), **pipelining}
 
 
 def parse_variant(text: str) -> dict:
@@ -100,14 +111,17 @@ def main(argv=None) -> int:
                         "kernel's ROLE); empty: the default launch")
     p.add_argument("--out", type=Path, help="also write this JSON (and its .md): the rows, Triton's version")
     args = p.parse_args(argv)
-    lines = [f"| variant (sm_{args.arch}) | registers | stack B | shared KB | programs/SM |", "|---|---:|---:|---:|---:|"]
+    head = (f"| variant (sm_{args.arch}) | registers | stack B | shared KB | programs/SM | cp.async 16 B | "
+            "cp.async waits | wgmma | wgmma waits | mma.sync |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---|---:|---|---:|"]
     print("\n".join(lines))
     rows = []
     for text in args.variants:
         r = {"variant": text or "default", **compile_variant(args.arch, **parse_variant(text))}
         rows.append(r)
         lines.append(f"| {r['variant']} | {r['regs']} | {r['stack_bytes']} | {r['shared_bytes'] / 1024:.1f} | "
-                     f"{r['programs_per_sm']} |")
+                     f"{r['programs_per_sm']} | {r['cp_async_16B']} | {r['cp_async_waits']} | {r['wgmma']} | "
+                     f"{r['wgmma_waits']} | {r['mma_sync']} |")
         print(lines[-1], flush=True)
     if args.out:
         import datetime
