@@ -2,7 +2,8 @@
 verification on; nothing may be lost and nothing wrong.
 
 For each configuration of ``--configs`` (``base``: packinfer; ``compact``: with
-``PACKINFER_COMPACT=1``) this starts ``python -m sglang.launch_server`` with ``--attention-backend
+``PACKINFER_COMPACT=1``; ``compact_forced``: compaction set to relocate often; ``dedup``: with
+``PACKINFER_PREFILL_DEDUP=1``; default ``base,compact``) this starts ``python -m sglang.launch_server`` with ``--attention-backend
 packinfer --radix-cache-backend packinfer``, ``PACKINFER_VERIFY=1`` (every decode layer checked
 against SGLang's Triton decode; at every idle period the pools checked by
 :mod:`packinfer_sglang.patches.idle_check` after SGLang's own idle memory check), a KV pool of
@@ -50,10 +51,20 @@ from . import serving_procs as procs
 from .serving_report import environment
 
 PHASES = ("disconnect", "abort", "retract", "edge")
-CONFIGS = {"base": {}, "compact": {"PACKINFER_COMPACT": "1"}}
+CONFIGS = {
+    "base": {},
+    "compact": {"PACKINFER_COMPACT": "1"},
+    # compaction made to relocate often (the settings of mixed_compaction_verify), so faults meet relocations
+    "compact_forced": {"PACKINFER_COMPACT": "1", "PACKINFER_COMPACT_MIN_GAIN": "0.01",
+                       "PACKINFER_COMPACT_GATHER_PENALTY": "1", "PACKINFER_COMPACT_EVERY": "8"},
+    # prefill dedup holds waiting requests back: aborts and disconnects then also hit held requests
+    "dedup": {"PACKINFER_PREFILL_DEDUP": "1"},
+}
 VERIFY_RE = re.compile(r"verified (\d+) layer-steps, max rel err ([0-9.eE+-]+|nan)")
 IDLE_RE = re.compile(r"packinfer: idle check \d+ passed .*leaked slots (\d+)")
 RETRACT_RE = re.compile(r"Retract requests\. #retracted_reqs: (\d+)")
+MOVED_RE = re.compile(r"packinfer: compaction moved .*; (\d+) tokens so far")
+HELD_RE = re.compile(r"packinfer: prefill dedup held (\d+) requests so far")
 
 
 @dataclass
@@ -78,6 +89,8 @@ class PhaseRow:
     integrity_checks_passed: int = 0
     retractions: int = 0
     server_tracebacks: int = 0
+    compaction_moved_tokens: int = 0  # cumulative, from the compaction hook's log line
+    dedup_held_requests: int = 0  # cumulative, from the prefill dedup hook's log line
     server_alive_at_end: bool = False
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
@@ -238,6 +251,11 @@ def _fill_row(row: PhaseRow, outcomes: list[Outcome], log: str, cumulative: dict
     row.integrity_checks_passed, row.leaked_slots = len(leaks), max(leaks) if leaks else None
     row.retractions = sum(int(x) for x in RETRACT_RE.findall(log))
     row.server_tracebacks = log.count("Traceback (most recent call last)")
+    for attr, regex in (("compaction_moved_tokens", MOVED_RE), ("dedup_held_requests", HELD_RE)):
+        found = regex.findall(log)
+        if found:
+            cumulative[attr] = int(found[-1])
+        setattr(row, attr, cumulative.get(attr, 0))
 
 
 def run_config(name: str, args, out_rows: list[PhaseRow]) -> None:
@@ -291,6 +309,7 @@ def totals(rows: list[PhaseRow]) -> list[PhaseRow]:
         leaks = [r.leaked_slots for r in rs]
         t.leaked_slots = None if None in leaks else max(leaks, default=0)
         t.verify_layer_steps, t.verify_max_rel_err = rs[-1].verify_layer_steps, rs[-1].verify_max_rel_err
+        t.compaction_moved_tokens, t.dedup_held_requests = rs[-1].compaction_moved_tokens, rs[-1].dedup_held_requests
         t.server_alive_at_end = rs[-1].server_alive_at_end and len(rs) == len(PHASES)
         t.seconds = round(sum(r.seconds for r in rs), 1)
         out.append(t)
@@ -305,7 +324,8 @@ def write_report(rows: list[PhaseRow], args, stem: str) -> None:
            "clean": all(r.clean() for r in totals(rows))}
     (args.out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=1))
     cols = ["requests", "completed", "aborted", "rejected", "errored", "verify_layer_steps", "verify_max_rel_err",
-            "leaked_slots", "integrity_checks_passed", "retractions", "server_tracebacks", "server_alive_at_end"]
+            "leaked_slots", "integrity_checks_passed", "retractions", "server_tracebacks", "server_alive_at_end",
+            "compaction_moved_tokens", "dedup_held_requests"]
     lines = [f"# Fault benchmark ({env.get('gpu', '?')})", "",
              f"- command: `{doc['command']}`; commit {args.commit}; {env.get('date', '')}",
              f"- versions: {env.get('versions', '')}",

@@ -120,7 +120,10 @@ def test_log_lines_become_columns_and_totals(tmp_path):
            "KV cache pool is full. Retract requests. #retracted_reqs: 3, #new_tokens_gained: 100\n"
            "Traceback (most recent call last):\n"
            "packinfer: idle check 1 passed after forward 99: pool 100 = available 90 + evictable 10 + locked 0,"
-           " leaked slots 0\n")
+           " leaked slots 0\n"
+           "packinfer: compaction moved 294 tokens of 1 groups (2 skipped); 294 tokens so far\n"
+           "packinfer: prefill dedup held 7 requests so far while their shared prefix was computed once (1 prefix"
+           " tokens not recomputed, estimated)\n")
     rows, cumulative = [], {}
     for phase in bf.PHASES:
         row = bf.PhaseRow("base", phase, server_alive_at_end=True)
@@ -129,6 +132,7 @@ def test_log_lines_become_columns_and_totals(tmp_path):
     r = rows[0]
     assert (r.verify_layer_steps, r.verify_max_rel_err, r.retractions, r.server_tracebacks) == (640, 3.1e-4, 3, 1)
     assert (r.integrity_checks_passed, r.leaked_slots, r.errored, r.completed) == (1, 0, 1, 1)
+    assert (r.compaction_moved_tokens, r.dedup_held_requests) == (294, 7)
     (total,) = bf.totals(rows)
     assert (total.requests, total.errored, total.server_alive_at_end) == (8, 4, True) and not total.clean()
     args = SimpleNamespace(out_dir=tmp_path, max_total_tokens=100, context_length=CTX, commit="abc")
