@@ -144,7 +144,7 @@ def hold_shared_prefills(original, scheduler, *args, **kwargs):
             rest = list(scheduler.waiting_queue)
             scheduler.waiting_queue = sorted(rest + held, key=lambda r: position.get(id(r), len(position)))
         state.rounds += 1
-        _admitted(state, getattr(_new_batch(plan), "reqs", None) or (), getattr(scheduler, "chunked_req", None))
+        record_round(state, getattr(_new_batch(plan), "reqs", None) or (), getattr(scheduler, "chunked_req", None))
         state.held_requests += sum(1 for r in held if r._packinfer_holds == 1)
         state.tokens_not_recomputed += saved
     every = runtime.config.log_every
@@ -155,7 +155,7 @@ def hold_shared_prefills(original, scheduler, *args, **kwargs):
     return plan
 
 
-def _admitted(state: DedupState, reqs, chunked) -> None:
+def record_round(state: DedupState, reqs, chunked) -> None:
     """Records a round's admitted prompts as in flight (the chunked one claims through
     ``scheduler.chunked_req`` until its last chunk) and moves those of older rounds to ``computed``."""
     state.inflight.append([block_hashes(r) for r in reqs if r is not chunked])

@@ -131,6 +131,17 @@ def _workspace(inp):
     return torch.zeros(FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device=inp.q.device)
 
 
+def _merged(flashinfer, q, pages, prefix, suffix) -> Impl:
+    """The timed call of a two-level composition: the suffix level, the prefix level, then the prefix
+    state merged into the suffix output in place (as ``MultiLevelCascadeAttentionWrapper.run`` does)."""
+    def run():
+        out, lse = suffix.run(q, pages, return_lse=True)
+        out_p, lse_p = prefix.run(q, pages, return_lse=True)
+        flashinfer.merge_state_in_place(out, lse, out_p, lse_p)
+        return out
+    return Impl(run, None, {"note": "allocates its output: poisoned via allocator"})
+
+
 def build_flashinfer_cascade_fa2(inp) -> Impl:
     """Two fa2 prefill levels (group prefixes with ``group_indptr`` as ``qo_indptr``; request
     suffixes) merged in place, each level with its own workspace."""
@@ -142,13 +153,7 @@ def build_flashinfer_cascade_fa2(inp) -> Impl:
     suffix = _fa2_prefill_level(flashinfer, _workspace(inp), inp,
                                 torch.arange(num_tokens + 1, dtype=torch.int32, device=q.device),
                                 inp.suffix_kv_indptr, inp.suffix_kv_indices)
-
-    def run():
-        out, lse = suffix.run(q, pages, return_lse=True)
-        out_p, lse_p = prefix.run(q, pages, return_lse=True)
-        flashinfer.merge_state_in_place(out, lse, out_p, lse_p)
-        return out
-    return Impl(run, None, {"note": "allocates its output: poisoned via allocator"})
+    return _merged(flashinfer, q, pages, prefix, suffix)
 
 
 def build_flashinfer_prefix_prefill(inp) -> Impl:
@@ -163,13 +168,7 @@ def build_flashinfer_prefix_prefill(inp) -> Impl:
     suffix.plan(inp.suffix_kv_indptr, inp.suffix_kv_indices, torch.ones(num_tokens, dtype=torch.int32,
                 device=q.device), q.shape[1], inp.k_buffer.shape[1], q.shape[2], 1, q_data_type=q.dtype,
                 kv_data_type=q.dtype, sm_scale=inp.sm_scale)
-
-    def run():
-        out, lse = suffix.run(q, pages, return_lse=True)
-        out_p, lse_p = prefix.run(q, pages, return_lse=True)
-        flashinfer.merge_state_in_place(out, lse, out_p, lse_p)
-        return out
-    return Impl(run, None, {"note": "allocates its output: poisoned via allocator"})
+    return _merged(flashinfer, q, pages, prefix, suffix)
 
 
 def build_flashinfer_batch_attention(inp) -> Impl:

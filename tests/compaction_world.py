@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from hypothesis import strategies as st
 from sglang.srt.mem_cache.allocation import alloc_for_decode
 from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator, TokenToKVPoolAllocator
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, MatchPrefixParams
@@ -242,3 +243,38 @@ class World:
             hashes = rolling_hashes(list(node.key.token_ids), h)
             compare(node.value.long(), hashes, f"node {node.id}")
             stack.extend((c, int(hashes[-1])) for c in node.children.values())
+
+
+# --- random workloads: the operations both property tests draw ------------------------------------
+BASIC_OPS = (  # hypothesis strategies of the operations apply_basic_op runs
+    st.tuples(st.just("admit"), st.integers(0, 3), st.integers(1, 14), st.integers(2, 40)),
+    st.tuples(st.just("decode"), st.integers(1, 6)),
+    st.tuples(st.just("finish"), st.integers(0, 30)),
+    st.tuples(st.just("abort"), st.integers(0, 30)),
+    st.tuples(st.just("evict"), st.integers(1, 200)),
+)
+MAX_RUNNING = 16
+
+
+def apply_basic_op(w: World, op: tuple, rng, systems: list[list[int]]) -> bool:
+    """Runs ``op`` when it is one of :data:`BASIC_OPS`' kinds; returns whether it was. ``admit``
+    (below :data:`MAX_RUNNING` running requests): system prompt ``op[1]`` of ``systems`` + ``op[2]``
+    random tokens, ``op[3]`` tokens to decode; ``decode``: ``op[1]`` steps, finishing requests that
+    are done; ``finish``/``abort``: running request ``op[1]`` (modulo); ``evict``: ``op[1]`` tokens."""
+    kind = op[0]
+    if kind == "admit":
+        if len(w.running) < MAX_RUNNING:
+            w.admit(systems[op[1]] + [rng.randrange(1000, 50000) for _ in range(op[2])], op[3])
+    elif kind == "decode":
+        for _ in range(op[1]):
+            w.decode_step()
+            for r in [r for r in w.running if len(r.output_ids) > r.max_new]:
+                w.finish(r)
+    elif kind in ("finish", "abort"):
+        if w.running:
+            w.finish(w.running[op[1] % len(w.running)], abort=kind == "abort")
+    elif kind == "evict":
+        w.evict(op[1])
+    else:
+        return False
+    return True

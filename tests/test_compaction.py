@@ -10,7 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from compaction_world import World
+from compaction_world import BASIC_OPS, World, apply_basic_op
 from conftest import DEVICE
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -254,14 +254,7 @@ def test_integrity_catches_a_row_that_no_longer_aliases_the_tree():
         w.check()
 
 
-_OPS = st.one_of(
-    st.tuples(st.just("admit"), st.integers(0, 3), st.integers(1, 14), st.integers(2, 40)),
-    st.tuples(st.just("decode"), st.integers(1, 6)),
-    st.tuples(st.just("finish"), st.integers(0, 30)),
-    st.tuples(st.just("abort"), st.integers(0, 30)),
-    st.tuples(st.just("evict"), st.integers(1, 200)),
-    st.tuples(st.just("compact")),
-)
+_OPS = st.one_of(*BASIC_OPS, st.tuples(st.just("compact")))
 
 
 @pytest.mark.parametrize("page_size, num_pages", [(1, 700), (16, 48)])
@@ -280,19 +273,7 @@ def test_random_workloads_keep_every_request_kv(page_size, num_pages, initial, o
     start = [op for i in range(initial) for op in [("admit", rng.randrange(4), rng.randrange(1, 14), 60),
                                                    ("decode", 1)]]
     for op in start + ops + [("compact",), ("decode", 1)]:
-        kind = op[0]
-        if kind == "admit" and len(w.running) < 16:
-            w.admit(systems[op[1]] + [rng.randrange(1000, 50000) for _ in range(op[2])], op[3])
-        elif kind == "decode":
-            for _ in range(op[1]):
-                w.decode_step()
-                for r in [r for r in w.running if len(r.output_ids) > r.max_new]:
-                    w.finish(r)
-        elif kind in ("finish", "abort") and w.running:
-            w.finish(w.running[op[1] % len(w.running)], abort=kind == "abort")
-        elif kind == "evict":
-            w.evict(op[1])
-        elif kind == "compact":
+        if not apply_basic_op(w, op, rng, systems) and op[0] == "compact":
             w.compact()  # asserts bit-identical KV per request
         w.check()
         w.check_content()

@@ -22,25 +22,21 @@ import random
 import numpy as np
 import pytest
 import torch
-from compaction_world import World
+from compaction_world import BASIC_OPS, MAX_RUNNING, World, apply_basic_op
 from conftest import DEVICE, TOL, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from packinfer_sglang.kernels.reference import flat_decode_attention_ref
+from test_decode_step import flat_reference
 
 from packinfer_sglang.decode_step import build_decode_step, run_decode_step
 
 MIN_PREFIX = 8
 
 _OPS = st.one_of(
-    st.tuples(st.just("admit"), st.integers(0, 3), st.integers(1, 14), st.integers(2, 40)),
-    st.tuples(st.just("decode"), st.integers(1, 6)),
-    st.tuples(st.just("finish"), st.integers(0, 30)),
-    st.tuples(st.just("abort"), st.integers(0, 30)),
+    *BASIC_OPS,
     st.tuples(st.just("abort_group"), st.integers(0, 30)),
     st.tuples(st.just("retract"), st.integers(0, 30)),
     st.tuples(st.just("readmit"),),
-    st.tuples(st.just("evict"), st.integers(1, 200)),
     st.tuples(st.just("compact"), st.booleans()),
     st.tuples(st.just("drain_and_flush"),),
 )
@@ -94,10 +90,7 @@ def check_step_attention(w: World, seed: int) -> None:
     r2t = w.rtp.req_to_token.to(DEVICE)
     step = build_decode_step(groups, seq_lens, rows.to(DEVICE), r2t, num_qo_heads, num_kv_heads, num_sms=4)
     out = run_decode_step(step, q, k, v, head_dim ** -0.5)
-    kv_indptr = torch.zeros(len(reqs) + 1, dtype=torch.int32)
-    kv_indptr[1:] = seq_lens.cumsum(0)
-    flat = torch.cat([r2t[r, :n].cpu() for r, n in zip(rows.tolist(), seq_lens.tolist())])
-    ref = flat_decode_attention_ref(q, k, v, kv_indptr.to(DEVICE), flat.to(DEVICE), head_dim ** -0.5)[0]
+    ref = flat_reference(q, k, v, w.rtp.req_to_token, rows, seq_lens)
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < TOL[torch.float16]
 
@@ -116,15 +109,8 @@ def test_groups_and_plans_survive_faults(page_size, num_pages, initial, ops, see
                                                    ("decode", 1)]]
     for op in start + ops + [("decode", 1)]:
         kind = op[0]
-        if kind == "admit" and len(w.running) < 16:
-            w.admit(systems[op[1]] + [rng.randrange(1000, 50000) for _ in range(op[2])], op[3])
-        elif kind == "decode":
-            for _ in range(op[1]):
-                w.decode_step()
-                for r in [r for r in w.running if len(r.output_ids) > r.max_new]:
-                    w.finish(r)
-        elif kind in ("finish", "abort") and w.running:
-            w.finish(w.running[op[1] % len(w.running)], abort=kind == "abort")
+        if apply_basic_op(w, op, rng, systems):
+            pass
         elif kind == "abort_group" and w.running:  # every request sharing the victim's system prompt
             victim = w.running[op[1] % len(w.running)]
             for r in [r for r in w.running if r.tokens[0] == victim.tokens[0]]:
@@ -133,12 +119,10 @@ def test_groups_and_plans_survive_faults(page_size, num_pages, initial, ops, see
             r = w.running[op[1] % len(w.running)]
             retracted.append((list(r.tokens), max(r.max_new - len(r.output_ids), 1)))
             w.finish(r, abort=True)
-        elif kind == "readmit" and retracted and len(w.running) < 16:
+        elif kind == "readmit" and retracted and len(w.running) < MAX_RUNNING:
             prompt, remaining = retracted.pop(0)
             if len(prompt) + remaining < 300 and w.admit(prompt, remaining) is None:
                 retracted.insert(0, (prompt, remaining))  # no room yet: stays queued, as in SGLang
-        elif kind == "evict":
-            w.evict(op[1])
         elif kind == "compact" and compact:
             w.compact()
             if op[1]:  # the relocation's old slots are freed after the next forward, if there is one

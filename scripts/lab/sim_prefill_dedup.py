@@ -22,6 +22,10 @@ from types import SimpleNamespace
 
 from packinfer_sglang.patches import prefill_dedup as pd
 
+from packinfer_sglang.config import PackInferConfig
+
+MIN_PREFIX_TOKENS = PackInferConfig().min_prefix_tokens  # the setting's default
+
 
 def simulate(dedup: bool, groups: int, per_group: int, system: int, question: int, chunk: int, ordered: bool,
              seed: int = 0) -> dict:
@@ -40,7 +44,7 @@ def simulate(dedup: bool, groups: int, per_group: int, system: int, question: in
         held = set()
         if dedup and waiting:
             inflight = [b for r in state.inflight for b in r] + ([pd.block_hashes(chunked)] if chunked else [])
-            held = {id(r) for r in pd.select_held(waiting, inflight, state.computed, pd_min_tokens(system))[0]}
+            held = {id(r) for r in pd.select_held(waiting, inflight, state.computed, MIN_PREFIX_TOKENS)[0]}
         budget, batch, rest = chunk, [], []
         if chunked is not None:
             take = min(chunk_left, budget)
@@ -62,14 +66,9 @@ def simulate(dedup: bool, groups: int, per_group: int, system: int, question: in
                 chunked, chunk_left, tokens, budget = r, new - budget, tokens + budget, 0
         waiting = rest
         if dedup:
-            pd._admitted(state, [r for r in batch if r is not chunked], chunked)
+            pd.record_round(state, [r for r in batch if r is not chunked], chunked)
     distinct = groups * system + groups * per_group * question
     return {"rounds": rounds, "prefill_tokens": tokens, "distinct_tokens": distinct, "x_distinct": tokens / distinct}
-
-
-def pd_min_tokens(system: int) -> int:
-    """``PACKINFER_MIN_PREFIX_TOKENS`` at its default (256), or the system prompt if shorter."""
-    return min(256, system)
 
 
 def main(argv: list[str] | None = None) -> int:
