@@ -23,7 +23,9 @@ hook keeps the hashes of prompts it saw admitted whose results are processed (``
 tree holds them unless evicted since, in which case a request is not held and computes as it would
 without the hook); a request's computed and claimed parts are the leading runs of its hashes in
 those sets, found by binary search. A round costs O(log blocks) set lookups per waiting request
-examined (at most ``SCAN_LIMIT``) and no radix-tree walk. A hash collision can only hold a request
+examined (at most ``SCAN_LIMIT``), the insertion of the uncached hashes of those not held, and no
+radix-tree walk. Without the overlap scheduler a prefill's result is in the tree one round earlier,
+and its group's other requests wait that round for nothing. A hash collision can only hold a request
 back for a round.
 
 Off unless the scheduler runs the ``fcfs`` policy without priority scheduling, with the packinfer
@@ -121,7 +123,7 @@ def hold_shared_prefills(original, scheduler, *args, **kwargs):
     runtime = getattr(getattr(scheduler, "tree_cache", None), "runtime", None)
     if runtime is None or not runtime.config.prefill_dedup or not _applies(scheduler):
         return original(scheduler, *args, **kwargs)
-    state = getattr(runtime, "prefill_dedup", None)
+    state = runtime.prefill_dedup
     if state is None:
         state = runtime.prefill_dedup = DedupState()
     waiting = scheduler.waiting_queue

@@ -78,6 +78,7 @@ class PackInferRuntime:
         self._no_group_logs = 0
         self._warned: set[str] = set()
         self.compaction: Any = None  # the compaction hook's state, created by it on first use
+        self.prefill_dedup: Any = None  # the prefill dedup hook's state, created by it on first use
         self.decode_batches = 0  # decode batches prepared (the fragmentation log's step counter)
 
     def bind(self, model_runner) -> int:
